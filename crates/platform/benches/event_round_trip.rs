@@ -1,0 +1,509 @@
+//! Event round trip (publish with confirm, consumed, effect committed and acked): Ferrite's `Broker` and consumer against a plain lapin client.
+//!
+//! Run it with the shared RabbitMQ (127.0.0.1:5672) and Postgres (127.0.0.1:5432) up:
+//!
+//! ```text
+//! source scripts/env.sh && cargo bench -p ferrite-platform --bench event_round_trip
+//! ```
+//!
+//! Every path uses persistent messages, publisher confirms and a durable quorum queue with
+//! manual acks, so the broker does the same disk work for each. Three paths, in one process:
+//! - `lapin`: publish and wait for the confirm; the consumer acks at once;
+//! - `lapin + inbox tx`: the same, but the consumer first inserts the message id into an inbox
+//!   table and commits, as Ferrite does; it separates the price of exactly-once bookkeeping
+//!   (a Postgres commit) from the price of the framework;
+//! - `ferrite`: `Broker::publish_event` and `spawn_consumer`; the round trip ends when the
+//!   handler's transaction commits (seen through `pg_notify`, which Postgres delivers on
+//!   commit), just before the ack is sent.
+//!
+//! Latency is measured one message at a time (p50, p99); throughput with 32 concurrent
+//! publishers. The ratios at the end compare Ferrite with both lapin paths.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use ferrite_platform::Secret;
+use ferrite_platform::amqp::{
+    Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, spawn_consumer,
+};
+use ferrite_platform::settings::AmqpSettings;
+use ferrite_proto::{Event, JobRequested};
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use prost::Message as _;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const MESSAGING_MIGRATION: &str =
+    include_str!("../../../migrations/_messaging/1_outbox_and_inbox.sql");
+
+const WARM_UP: usize = 50;
+const LATENCY_MESSAGES: usize = 500;
+const THROUGHPUT_MESSAGES: usize = 5_000;
+const PUBLISHERS: usize = 32;
+const PREFETCH: u16 = 64;
+/// Bounds each wait so that a broken setup fails instead of hanging; never a measurement.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One way of sending a message and learning that it went all the way round.
+trait RoundTrip: Send + Sync {
+    /// Publishes one message and waits for the broker's confirm.
+    fn publish(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// What each path measured.
+struct Results {
+    p50: Duration,
+    p99: Duration,
+    messages_per_second: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let database = format!("ferrite_bench_{}", Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(POSTGRES_ADMIN_URL)
+        .await
+        .context("connect to Postgres")?;
+    sqlx::query(&format!(r#"CREATE DATABASE "{database}""#))
+        .execute(&mut admin)
+        .await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(u32::from(PREFETCH) / 2)
+        .connect(&format!("postgres://postgres@127.0.0.1:5432/{database}"))
+        .await?;
+    sqlx::raw_sql(MESSAGING_MIGRATION).execute(&pool).await?;
+
+    let outcome = run_all(&pool).await;
+
+    pool.close().await;
+    sqlx::query(&format!(
+        r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#
+    ))
+    .execute(&mut admin)
+    .await?;
+    outcome
+}
+
+async fn run_all(pool: &PgPool) -> anyhow::Result<()> {
+    println!(
+        "event round trip: {LATENCY_MESSAGES} sequential messages for latency, {THROUGHPUT_MESSAGES} with \
+         {PUBLISHERS} publishers for throughput; persistent, confirmed, quorum queue"
+    );
+
+    let (raw, mut done) = RawPath::start(None).await?;
+    let raw_results = measure(&raw, &mut done, true).await?;
+    raw.stop().await;
+
+    let (raw_inbox, mut done) = RawPath::start(Some(pool.clone())).await?;
+    let raw_inbox_results = measure(&raw_inbox, &mut done, false).await?;
+    raw_inbox.stop().await;
+
+    let (ferrite, mut done) = FerritePath::start(pool).await?;
+    let ferrite_results = measure(&ferrite, &mut done, true).await?;
+    ferrite.stop().await;
+
+    println!(
+        "{:<20} {:>9} {:>9} {:>12}",
+        "path", "p50 ms", "p99 ms", "messages/s"
+    );
+    for (name, results) in [
+        ("lapin", &raw_results),
+        ("lapin + inbox tx", &raw_inbox_results),
+        ("ferrite", &ferrite_results),
+    ] {
+        let rate = results
+            .messages_per_second
+            .map_or_else(|| "-".to_owned(), |rate| format!("{rate:.0}"));
+        println!(
+            "{name:<20} {:>9.2} {:>9.2} {rate:>12}",
+            millis(results.p50),
+            millis(results.p99)
+        );
+    }
+    for (name, reference) in [
+        ("lapin", &raw_results),
+        ("lapin + inbox tx", &raw_inbox_results),
+    ] {
+        let throughput = match (
+            reference.messages_per_second,
+            ferrite_results.messages_per_second,
+        ) {
+            (Some(reference), Some(ferrite)) => {
+                format!(", throughput {:.2}x lower", reference / ferrite)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "ferrite / {name}: p50 {:.2}x, p99 {:.2}x{throughput}",
+            ratio(ferrite_results.p50, reference.p50),
+            ratio(ferrite_results.p99, reference.p99),
+        );
+    }
+    Ok(())
+}
+
+/// Latency one message at a time, then (if asked) throughput with concurrent publishers.
+async fn measure<P: RoundTrip + 'static>(
+    path: &Arc<P>,
+    done: &mut mpsc::UnboundedReceiver<()>,
+    throughput: bool,
+) -> anyhow::Result<Results> {
+    let mut latencies = Vec::with_capacity(LATENCY_MESSAGES);
+    for i in 0..WARM_UP + LATENCY_MESSAGES {
+        let started = Instant::now();
+        path.publish().await?;
+        tokio::time::timeout(PATIENCE, done.recv())
+            .await
+            .context("round trip timed out")?;
+        if i >= WARM_UP {
+            latencies.push(started.elapsed());
+        }
+    }
+    latencies.sort_unstable();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+
+    let messages_per_second = if throughput {
+        let started = Instant::now();
+        let mut publishers = tokio::task::JoinSet::new();
+        for _ in 0..PUBLISHERS {
+            let path = path.clone();
+            publishers.spawn(async move {
+                for _ in 0..THROUGHPUT_MESSAGES / PUBLISHERS {
+                    path.publish().await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        for _ in 0..THROUGHPUT_MESSAGES / PUBLISHERS * PUBLISHERS {
+            tokio::time::timeout(PATIENCE, done.recv())
+                .await
+                .context("throughput run timed out")?;
+        }
+        let elapsed = started.elapsed();
+        while let Some(published) = publishers.join_next().await {
+            published??;
+        }
+        Some((THROUGHPUT_MESSAGES / PUBLISHERS * PUBLISHERS) as f64 / elapsed.as_secs_f64())
+    } else {
+        None
+    };
+    Ok(Results {
+        p50,
+        p99,
+        messages_per_second,
+    })
+}
+
+fn body() -> Vec<u8> {
+    JobRequested {
+        job_id: Uuid::new_v4().to_string(),
+        kind: "sft".into(),
+        spec_json: "{}".into(),
+        attempt: 1,
+    }
+    .encode_to_vec()
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn quorum_queue() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    arguments
+}
+
+/// The plain lapin client: one confirm channel to publish, one channel to consume.
+struct RawPath {
+    connection: Connection,
+    publisher: Channel,
+    exchange: String,
+    queue: String,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl RawPath {
+    /// With `inbox`, the consumer commits an inbox row before each ack, as Ferrite does.
+    async fn start(
+        inbox: Option<PgPool>,
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<()>)> {
+        let suffix = Uuid::new_v4().simple();
+        let exchange = format!("ferrite.bench.raw.{suffix}");
+        let queue = format!("bench-raw-{suffix}");
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        publisher
+            .exchange_declare(
+                &exchange,
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        publisher
+            .queue_declare(&queue, durable, quorum_queue())
+            .await?;
+        publisher
+            .queue_bind(
+                &queue,
+                &exchange,
+                JobRequested::ROUTING_KEY,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                &queue,
+                "bench",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (done, finished) = mpsc::unbounded_channel();
+        let consumer = tokio::spawn(async move {
+            while let Some(Ok(delivery)) = deliveries.next().await {
+                if let Some(pool) = &inbox
+                    && record_in_inbox(pool, &delivery).await.is_err()
+                {
+                    return;
+                }
+                if delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = done.send(());
+            }
+        });
+        Ok((
+            Arc::new(Self {
+                connection,
+                publisher,
+                exchange,
+                queue,
+                consumer,
+            }),
+            finished,
+        ))
+    }
+
+    async fn stop(self: Arc<Self>) {
+        self.consumer.abort();
+        let _ = self
+            .publisher
+            .queue_delete(&self.queue, QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .publisher
+            .exchange_delete(&self.exchange, ExchangeDeleteOptions::default())
+            .await;
+        let _ = self.connection.close(200, "bench done").await;
+    }
+}
+
+async fn record_in_inbox(pool: &PgPool, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .context("no message id")?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id) VALUES ('raw', $1) ON CONFLICT DO NOTHING",
+    )
+    .bind(Uuid::parse_str(id.as_str())?)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+impl RoundTrip for RawPath {
+    async fn publish(&self) -> anyhow::Result<()> {
+        let properties = BasicProperties::default()
+            .with_message_id(Uuid::now_v7().to_string().into())
+            .with_content_type("application/x-protobuf".into())
+            .with_type(JobRequested::ROUTING_KEY.into())
+            .with_delivery_mode(2);
+        let confirm = self
+            .publisher
+            .basic_publish(
+                &self.exchange,
+                JobRequested::ROUTING_KEY,
+                BasicPublishOptions::default(),
+                &body(),
+                properties,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("the broker refused a message");
+        }
+        Ok(())
+    }
+}
+
+/// Ferrite's broker handle and consumer, with a handler that only signals its commit.
+struct FerritePath {
+    broker: Broker,
+    queue: String,
+    settings: AmqpSettings,
+    shutdown: CancellationToken,
+    consumer: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+/// Notifies the benchmark when its transaction commits.
+struct CommitSignal {
+    channel: String,
+}
+
+#[async_trait::async_trait]
+impl Handler for CommitSignal {
+    async fn handle(
+        &self,
+        _: &IncomingMessage,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+impl FerritePath {
+    async fn start(pool: &PgPool) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<()>)> {
+        let suffix = Uuid::new_v4().simple();
+        let settings = AmqpSettings {
+            url: Secret::new(url::Url::parse(AMQP_URL)?),
+            exchange: format!("ferrite.bench.{suffix}"),
+            prefetch: PREFETCH,
+            max_deliveries: 5,
+            reconnect_delay: Duration::from_millis(500),
+        };
+        let broker = Broker::start(settings.clone(), CancellationToken::new());
+        broker.wait_connected(PATIENCE).await?;
+        let queue = format!("bench-ferrite-{suffix}");
+        broker
+            .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+            .await?;
+
+        let channel = format!("bench_{suffix}");
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(&channel).await?;
+        let (done, finished) = mpsc::unbounded_channel();
+        let listener = tokio::spawn(async move {
+            while listener.recv().await.is_ok() {
+                let _ = done.send(());
+            }
+        });
+
+        let handler = Arc::new(CommitSignal { channel });
+        let spec = ConsumerSpec::new(
+            queue.clone(),
+            &[JobRequested::ROUTING_KEY],
+            &broker,
+            handler,
+        );
+        let shutdown = CancellationToken::new();
+        let consumer = spawn_consumer(broker.clone(), pool.clone(), spec, shutdown.clone());
+        Ok((
+            Arc::new(Self {
+                broker,
+                queue,
+                settings,
+                shutdown,
+                consumer,
+                listener,
+            }),
+            finished,
+        ))
+    }
+
+    async fn stop(self: Arc<Self>) {
+        self.shutdown.cancel();
+        self.listener.abort();
+        let Ok(path) = Arc::try_unwrap(self) else {
+            return;
+        };
+        let _ = path.consumer.await;
+        if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            for queue in [
+                path.queue.clone(),
+                ferrite_platform::amqp::dead_letter_queue(&path.queue),
+            ] {
+                let _ = channel
+                    .queue_delete(&queue, QueueDeleteOptions::default())
+                    .await;
+            }
+            for exchange in [
+                path.settings.exchange.clone(),
+                ferrite_platform::amqp::dead_letter_exchange(&path.settings),
+            ] {
+                let _ = channel
+                    .exchange_delete(&exchange, ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = connection.close(200, "bench done").await;
+        }
+        path.broker.close().await;
+    }
+}
+
+impl RoundTrip for FerritePath {
+    async fn publish(&self) -> anyhow::Result<()> {
+        let event = JobRequested {
+            job_id: Uuid::new_v4().to_string(),
+            kind: "sft".into(),
+            spec_json: "{}".into(),
+            attempt: 1,
+        };
+        self.broker.publish_event(&event).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,572 @@
+//! Messaging against real RabbitMQ and Postgres: outbox, inbox deduplication, dead-lettering, restarts.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{
+    PrivateRabbit, SHARED_AMQP_URL, TestDatabase, amqp_settings, eventually, unique_name,
+};
+use ferrite_platform::amqp::{
+    Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, dead_letter_queue, outbox,
+    spawn_consumer, spawn_outbox_relay,
+};
+use ferrite_proto::{Event, JobRequested};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Bounds every wait for a message; generous because a private broker may be booting on a
+/// machine busy compiling. Never a measurement.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A handler that records each job as a row in `effects` and reports every call.
+struct Recorder {
+    calls: mpsc::UnboundedSender<IncomingMessage>,
+    /// A job id whose handling always fails.
+    poison: Option<String>,
+    /// Holds the first call after its effect is written, until the test releases it.
+    gate: Option<Gate>,
+}
+
+struct Gate {
+    entered: mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+    used: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        message: &IncomingMessage,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<(), HandlerError> {
+        let job: JobRequested = message.decode()?;
+        let _ = self.calls.send(message.clone());
+        if self.poison.as_deref() == Some(job.job_id.as_str()) {
+            return Err(HandlerError::Transient(anyhow::anyhow!(
+                "job {} always fails",
+                job.job_id
+            )));
+        }
+        sqlx::query("INSERT INTO effects (message_id, job_id) VALUES ($1, $2)")
+            .bind(message.message_id)
+            .bind(&job.job_id)
+            .execute(&mut **tx)
+            .await?;
+        if let Some(gate) = &self.gate
+            && !gate.used.swap(true, Ordering::SeqCst)
+        {
+            let _ = gate.entered.send(());
+            gate.release.notified().await;
+        }
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn new() -> (Self, mpsc::UnboundedReceiver<IncomingMessage>) {
+        let (calls, received) = mpsc::unbounded_channel();
+        (
+            Self {
+                calls,
+                poison: None,
+                gate: None,
+            },
+            received,
+        )
+    }
+}
+
+/// The effects table a handler writes to. No unique key on purpose: an effect applied twice
+/// shows up as two rows.
+async fn create_effects_table(pool: &PgPool) {
+    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL, job_id TEXT NOT NULL)")
+        .execute(pool)
+        .await
+        .expect("create the effects table");
+}
+
+async fn effects_of(pool: &PgPool, message_id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_one(pool)
+        .await
+        .expect("count effects")
+}
+
+fn job(id: &str) -> JobRequested {
+    JobRequested {
+        job_id: id.to_owned(),
+        kind: "sft".to_owned(),
+        spec_json: "{}".to_owned(),
+        attempt: 1,
+    }
+}
+
+/// Writes `event` through the outbox in a transaction of its own and commits.
+async fn enqueue_committed(pool: &PgPool, event: &JobRequested) -> Uuid {
+    let mut tx = pool.begin().await.expect("begin");
+    let id = outbox::enqueue(&mut tx, event).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    id
+}
+
+async fn next_call(calls: &mut mpsc::UnboundedReceiver<IncomingMessage>) -> IncomingMessage {
+    tokio::time::timeout(PATIENCE, calls.recv())
+        .await
+        .expect("a message reached the handler in time")
+        .expect("the handler is alive")
+}
+
+fn start_consumer(
+    broker: &Broker,
+    pool: &PgPool,
+    queue: &str,
+    prefetch: u16,
+    handler: Recorder,
+) -> (JoinHandle<()>, CancellationToken) {
+    let mut spec = ConsumerSpec::new(
+        queue,
+        &[JobRequested::ROUTING_KEY],
+        broker,
+        Arc::new(handler),
+    );
+    spec.prefetch = prefetch;
+    spec.retry_delay = Duration::from_millis(10);
+    let shutdown = CancellationToken::new();
+    (
+        spawn_consumer(broker.clone(), pool.clone(), spec, shutdown.clone()),
+        shutdown,
+    )
+}
+
+async fn stop(task: JoinHandle<()>, shutdown: CancellationToken) {
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("the task stopped in time")
+        .expect("the task did not panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_event_takes_effect_once_when_the_ack_is_lost_and_it_is_redelivered() {
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let mut rabbit = PrivateRabbit::start().await;
+    let settings = amqp_settings(&rabbit.url(), 5);
+    let broker = Broker::start(settings, CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the private node");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+    let relay_shutdown = CancellationToken::new();
+    let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
+
+    let (mut first, mut first_calls) = Recorder::new();
+    let (entered, mut handler_entered) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    first.gate = Some(Gate {
+        entered,
+        release: release.clone(),
+        used: AtomicBool::new(false),
+    });
+    let (consumer, consumer_shutdown) = start_consumer(&broker, &db.pool, &queue, 1, first);
+
+    let original = enqueue_committed(&db.pool, &job("job-1")).await;
+    assert_eq!(next_call(&mut first_calls).await.message_id, original);
+    tokio::time::timeout(PATIENCE, handler_entered.recv())
+        .await
+        .expect("the handler wrote its effect");
+    // Otherwise the relay could miss the confirm in the outage and publish the row again,
+    // leaving a second copy in the queue.
+    eventually(PATIENCE, "the relay to mark the row delivered", || async {
+        delivered_at(&db.pool, original).await.is_some()
+    })
+    .await;
+
+    // The broker goes away while the handler holds its effect: the commit still succeeds, but
+    // the ack has no channel to travel on.
+    rabbit.stop().await;
+    release.notify_one();
+    stop(consumer, consumer_shutdown).await;
+    assert_eq!(
+        effects_of(&db.pool, original).await,
+        1,
+        "the effect was committed before the ack was lost"
+    );
+
+    // A persistent, confirmed message on a quorum queue outlives the restart, and with no ack
+    // it is back in the queue, ready for redelivery.
+    rabbit.start_again().await;
+    broker.wait_connected(PATIENCE).await.expect("reconnects");
+    assert_eq!(
+        common::ready_messages(&rabbit.url(), &queue).await,
+        1,
+        "the unacknowledged message was returned"
+    );
+
+    // A fresh consumer with prefetch 1 receives the returned message before the marker, which
+    // was published after it; the marker reaching the handler therefore proves the duplicate
+    // was acknowledged, and the handler seeing the marker first proves it was skipped.
+    let (second, mut second_calls) = Recorder::new();
+    let (consumer, consumer_shutdown) = start_consumer(&broker, &db.pool, &queue, 1, second);
+    let marker = enqueue_committed(&db.pool, &job("marker")).await;
+    assert_eq!(
+        next_call(&mut second_calls).await.message_id,
+        marker,
+        "the redelivery skipped the handler"
+    );
+    stop(consumer, consumer_shutdown).await;
+
+    assert_eq!(
+        effects_of(&db.pool, original).await,
+        1,
+        "the redelivery applied nothing"
+    );
+    assert_eq!(
+        common::ready_messages(&rabbit.url(), &queue).await,
+        0,
+        "both messages were acknowledged"
+    );
+    stop(relay, relay_shutdown).await;
+    broker.close().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_max_deliveries_while_others_flow() {
+    const MAX_DELIVERIES: u32 = 3;
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let settings = amqp_settings(SHARED_AMQP_URL, MAX_DELIVERIES);
+    let broker = Broker::start(settings.clone(), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the shared broker");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+
+    let (mut recorder, mut calls) = Recorder::new();
+    recorder.poison = Some("poison".to_owned());
+    // Prefetch 4: the poison message holds one slot while it is retried, the others flow.
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 4, recorder);
+
+    let poison = broker.publish_event(&job("poison")).await.expect("publish");
+    let mut healthy = Vec::new();
+    for i in 0..5 {
+        healthy.push(
+            broker
+                .publish_event(&job(&format!("healthy-{i}")))
+                .await
+                .expect("publish"),
+        );
+    }
+
+    // Every healthy message once, and the poison message once per allowed delivery.
+    let expected_calls = healthy.len() + MAX_DELIVERIES as usize;
+    let mut poison_counts = Vec::new();
+    let mut healthy_seen = Vec::new();
+    for _ in 0..expected_calls {
+        let call = next_call(&mut calls).await;
+        if call.message_id == poison {
+            poison_counts.push(call.delivery_count);
+        } else {
+            healthy_seen.push(call.message_id);
+        }
+    }
+    let dlq = dead_letter_queue(&queue);
+    eventually(
+        PATIENCE,
+        "the poison message in the dead-letter queue",
+        || async { common::ready_messages(SHARED_AMQP_URL, &dlq).await == 1 },
+    )
+    .await;
+    stop(consumer, shutdown).await;
+
+    assert_eq!(
+        poison_counts,
+        vec![1, 2, 3],
+        "one call per delivery, counted by the broker"
+    );
+    healthy_seen.sort();
+    healthy.sort();
+    assert_eq!(
+        healthy_seen, healthy,
+        "each healthy message was handled exactly once"
+    );
+    for id in &healthy {
+        assert_eq!(effects_of(&db.pool, *id).await, 1);
+    }
+    assert_eq!(
+        effects_of(&db.pool, poison).await,
+        0,
+        "failed attempts were rolled back"
+    );
+    assert!(
+        calls.try_recv().is_err(),
+        "nothing was delivered after the dead-lettering"
+    );
+    let dead = common::take_message(SHARED_AMQP_URL, &dlq)
+        .await
+        .expect("a dead-lettered message");
+    let dead_id = dead
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string());
+    assert_eq!(dead_id, Some(poison.to_string()));
+
+    common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
+    broker.close().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_written_while_the_broker_is_down_is_delivered_after_it_returns() {
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let mut rabbit = PrivateRabbit::start().await;
+    let broker = Broker::start(amqp_settings(&rabbit.url(), 5), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the private node");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+    let relay_shutdown = CancellationToken::new();
+    let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
+
+    rabbit.stop().await;
+    eventually(
+        PATIENCE,
+        "the broker handle to notice the outage",
+        || async { !broker.is_connected() },
+    )
+    .await;
+    let id = enqueue_committed(&db.pool, &job("written-while-down")).await;
+    assert!(
+        delivered_at(&db.pool, id).await.is_none(),
+        "no broker, so no confirm, so not delivered"
+    );
+
+    rabbit.start_again().await;
+    let (recorder, mut calls) = Recorder::new();
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 1, recorder);
+    let call = next_call(&mut calls).await;
+    assert_eq!(call.message_id, id);
+    assert_eq!(
+        call.decode::<JobRequested>().expect("decodes").job_id,
+        "written-while-down"
+    );
+    eventually(PATIENCE, "the relay to mark the row delivered", || async {
+        delivered_at(&db.pool, id).await.is_some()
+    })
+    .await;
+
+    stop(consumer, shutdown).await;
+    stop(relay, relay_shutdown).await;
+    broker.close().await;
+    db.drop().await;
+}
+
+async fn delivered_at(pool: &PgPool, message_id: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT delivered_at FROM outbox WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_one(pool)
+        .await
+        .expect("the outbox row exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_keeps_consuming_after_the_broker_restarts() {
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let mut rabbit = PrivateRabbit::start().await;
+    let broker = Broker::start(amqp_settings(&rabbit.url(), 5), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the private node");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+    let (recorder, mut calls) = Recorder::new();
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 4, recorder);
+
+    let before = broker.publish_event(&job("before")).await.expect("publish");
+    assert_eq!(next_call(&mut calls).await.message_id, before);
+
+    rabbit.stop().await;
+    eventually(
+        PATIENCE,
+        "the broker handle to notice the outage",
+        || async { !broker.is_connected() },
+    )
+    .await;
+    rabbit.start_again().await;
+    broker.wait_connected(PATIENCE).await.expect("reconnects");
+
+    // The queue is durable, so this is kept even if the consumer has not re-subscribed yet.
+    let after = broker
+        .publish_event(&job("after"))
+        .await
+        .expect("publish after the restart");
+    assert_eq!(
+        next_call(&mut calls).await.message_id,
+        after,
+        "the same consumer task got it"
+    );
+    stop(consumer, shutdown).await;
+    // Checked after the stop, which waits for in-flight handlers to commit.
+    assert_eq!(effects_of(&db.pool, before).await, 1);
+    assert_eq!(effects_of(&db.pool, after).await, 1);
+
+    broker.close().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_publishes_nothing() {
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let settings = amqp_settings(SHARED_AMQP_URL, 5);
+    let broker = Broker::start(settings.clone(), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the shared broker");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+    let relay_shutdown = CancellationToken::new();
+    let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
+    let (recorder, mut calls) = Recorder::new();
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 1, recorder);
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    outbox::enqueue(&mut tx, &job("rolled-back"))
+        .await
+        .expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    // The relay publishes in row order and the consumer takes one message at a time, so had
+    // the first row survived, it would reach the handler before this one.
+    let committed = enqueue_committed(&db.pool, &job("committed")).await;
+
+    assert_eq!(next_call(&mut calls).await.message_id, committed);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1, "the rolled-back row never existed for the relay");
+    stop(consumer, shutdown).await;
+    stop(relay, relay_shutdown).await;
+    assert!(calls.try_recv().is_err(), "nothing else was delivered");
+    assert_eq!(
+        common::ready_messages(SHARED_AMQP_URL, &queue).await,
+        0,
+        "nothing else is waiting"
+    );
+
+    common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
+    broker.close().await;
+    db.drop().await;
+}
+
+/// Runs on the current-thread runtime so that every task the test spawns (relay, consumer)
+/// records into the thread-local subscriber installed here.
+#[tokio::test]
+async fn the_consumer_span_continues_the_trace_of_the_request_that_wrote_the_outbox_row() {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use tracing::Instrument as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("messaging-test")));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let settings = amqp_settings(SHARED_AMQP_URL, 5);
+    let broker = Broker::start(settings.clone(), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the shared broker");
+    let queue = unique_name("jobs");
+    broker
+        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
+        .await
+        .expect("declare");
+    let relay_shutdown = CancellationToken::new();
+    let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
+    let (recorder, mut calls) = Recorder::new();
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 1, recorder);
+
+    let id = enqueue_committed(&db.pool, &job("traced"))
+        .instrument(tracing::info_span!("http.request"))
+        .await;
+    assert_eq!(next_call(&mut calls).await.message_id, id);
+    stop(consumer, shutdown).await;
+    stop(relay, relay_shutdown).await;
+
+    let spans = exporter
+        .get_finished_spans()
+        .expect("the in-memory exporter holds the spans");
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|span| span.name == name)
+            .unwrap_or_else(|| panic!("a `{name}` span was recorded"))
+    };
+    let (request, enqueue, consume) = (
+        named("http.request"),
+        named("enqueue"),
+        named("amqp.consume"),
+    );
+    // The trace context is taken inside `enqueue`, so that is the consumer's parent, and all
+    // three share the request's trace id.
+    assert_eq!(enqueue.parent_span_id, request.span_context.span_id());
+    assert_eq!(consume.parent_span_id, enqueue.span_context.span_id());
+    assert_eq!(
+        consume.span_context.trace_id(),
+        request.span_context.trace_id()
+    );
+
+    common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
+    broker.close().await;
+    db.drop().await;
+}
+
+#[test]
+fn job_requested_is_routed_by_its_event_key() {
+    // The tests bind queues to this key; if it changed, they would silently receive nothing.
+    assert_eq!(JobRequested::ROUTING_KEY, "job.requested");
+}
