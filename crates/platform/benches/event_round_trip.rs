@@ -1,4 +1,4 @@
-//! Event round trip (publish with confirm, consumed, effect committed and acked): Ferrite's `Broker` and consumer against a plain lapin client.
+//! Event round trip (publish, confirm, consume, commit, ack): Ferrite's messaging against plain lapin.
 //!
 //! Run it with the shared RabbitMQ (127.0.0.1:5672) and Postgres (127.0.0.1:5432) up:
 //!
@@ -12,12 +12,14 @@
 //! - `lapin + inbox tx`: the same, but the consumer first inserts the message id into an inbox
 //!   table and commits, as Ferrite does; it separates the price of exactly-once bookkeeping
 //!   (a Postgres commit) from the price of the framework;
-//! - `ferrite`: `Broker::publish_event` and `spawn_consumer`; the round trip ends when the
-//!   handler's transaction commits (seen through `pg_notify`, which Postgres delivers on
-//!   commit), just before the ack is sent.
+//! - `ferrite`: `Broker::publish_event` and `spawn_consumer` with a handler that does nothing,
+//!   so the framework's own work is measured: the inbox row, the commit, the ack. The round
+//!   trip ends when the consumer's `amqp.consume` span closes, right after the ack.
 //!
-//! Latency is measured one message at a time (p50, p99); throughput with 32 concurrent
-//! publishers. The ratios at the end compare Ferrite with both lapin paths.
+//! Latency is measured one message at a time (p50, p99), throughput with 32 concurrent
+//! publishers, in rounds that alternate between the paths. The ratios at the end compare
+//! Ferrite with both lapin paths. It takes about a minute and leaves nothing behind: its
+//! database, exchanges and queues are dropped at the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,10 +40,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use prost::Message as _;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
 use uuid::Uuid;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -50,8 +56,9 @@ const MESSAGING_MIGRATION: &str =
     include_str!("../../../migrations/_messaging/1_outbox_and_inbox.sql");
 
 const WARM_UP: usize = 50;
-const LATENCY_MESSAGES: usize = 500;
-const THROUGHPUT_MESSAGES: usize = 5_000;
+const ROUNDS: usize = 3;
+const LATENCY_MESSAGES: usize = 200;
+const THROUGHPUT_MESSAGES: usize = 2_000;
 const PUBLISHERS: usize = 32;
 const PREFETCH: u16 = 64;
 /// Bounds each wait so that a broken setup fails instead of hanging; never a measurement.
@@ -61,13 +68,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 trait RoundTrip: Send + Sync {
     /// Publishes one message and waits for the broker's confirm.
     fn publish(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
-}
-
-/// What each path measured.
-struct Results {
-    p50: Duration,
-    p99: Duration,
-    messages_per_second: Option<f64>,
 }
 
 #[tokio::main]
@@ -98,48 +98,73 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_all(pool: &PgPool) -> anyhow::Result<()> {
     println!(
-        "event round trip: {LATENCY_MESSAGES} sequential messages for latency, {THROUGHPUT_MESSAGES} with \
-         {PUBLISHERS} publishers for throughput; persistent, confirmed, quorum queue"
+        "event round trip: {ROUNDS} rounds of {LATENCY_MESSAGES} sequential messages (latency) and \
+         {THROUGHPUT_MESSAGES} from {PUBLISHERS} publishers (throughput) per path, paths \
+         interleaved; persistent, confirmed, quorum queue"
     );
+    let (consumed, mut ferrite_done) = mpsc::unbounded_channel();
+    // Only the consume span is enabled, so no other span or event (lapin's, sqlx's) costs
+    // anything in any path.
+    let layer = ConsumeSpanClosed { done: consumed }.with_filter(filter_fn(|metadata| {
+        metadata.is_span() && metadata.name() == "amqp.consume"
+    }));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
 
-    let (raw, mut done) = RawPath::start(None).await?;
-    let raw_results = measure(&raw, &mut done, true).await?;
+    let (raw, mut raw_done) = RawPath::start(None).await?;
+    let (raw_inbox, mut raw_inbox_done) = RawPath::start(Some(pool.clone())).await?;
+    let ferrite = FerritePath::start(pool).await?;
+
+    for _ in 0..WARM_UP {
+        round_trip(raw.as_ref(), &mut raw_done).await?;
+        round_trip(raw_inbox.as_ref(), &mut raw_inbox_done).await?;
+        round_trip(ferrite.as_ref(), &mut ferrite_done).await?;
+    }
+    // Rounds alternate between the paths, so drift in the machine's load (other builds, the
+    // broker's disk) falls on all of them alike.
+    let (mut raw_results, mut raw_inbox_results, mut ferrite_results) =
+        (Samples::default(), Samples::default(), Samples::default());
+    for _ in 0..ROUNDS {
+        for _ in 0..LATENCY_MESSAGES {
+            raw_results
+                .latencies
+                .push(round_trip(raw.as_ref(), &mut raw_done).await?);
+            raw_inbox_results
+                .latencies
+                .push(round_trip(raw_inbox.as_ref(), &mut raw_inbox_done).await?);
+            ferrite_results
+                .latencies
+                .push(round_trip(ferrite.as_ref(), &mut ferrite_done).await?);
+        }
+        raw_results.busy += throughput(&raw, &mut raw_done).await?;
+        ferrite_results.busy += throughput(&ferrite, &mut ferrite_done).await?;
+    }
     raw.stop().await;
-
-    let (raw_inbox, mut done) = RawPath::start(Some(pool.clone())).await?;
-    let raw_inbox_results = measure(&raw_inbox, &mut done, false).await?;
     raw_inbox.stop().await;
-
-    let (ferrite, mut done) = FerritePath::start(pool).await?;
-    let ferrite_results = measure(&ferrite, &mut done, true).await?;
     ferrite.stop().await;
 
     println!(
         "{:<20} {:>9} {:>9} {:>12}",
         "path", "p50 ms", "p99 ms", "messages/s"
     );
-    for (name, results) in [
-        ("lapin", &raw_results),
-        ("lapin + inbox tx", &raw_inbox_results),
-        ("ferrite", &ferrite_results),
+    for (name, samples) in [
+        ("lapin", &mut raw_results),
+        ("lapin + inbox tx", &mut raw_inbox_results),
+        ("ferrite", &mut ferrite_results),
     ] {
-        let rate = results
-            .messages_per_second
+        let rate = samples
+            .rate()
             .map_or_else(|| "-".to_owned(), |rate| format!("{rate:.0}"));
         println!(
             "{name:<20} {:>9.2} {:>9.2} {rate:>12}",
-            millis(results.p50),
-            millis(results.p99)
+            millis(samples.p(50)),
+            millis(samples.p(99))
         );
     }
     for (name, reference) in [
-        ("lapin", &raw_results),
-        ("lapin + inbox tx", &raw_inbox_results),
+        ("lapin", &mut raw_results),
+        ("lapin + inbox tx", &mut raw_inbox_results),
     ] {
-        let throughput = match (
-            reference.messages_per_second,
-            ferrite_results.messages_per_second,
-        ) {
+        let throughput = match (reference.rate(), ferrite_results.rate()) {
             (Some(reference), Some(ferrite)) => {
                 format!(", throughput {:.2}x lower", reference / ferrite)
             }
@@ -147,64 +172,77 @@ async fn run_all(pool: &PgPool) -> anyhow::Result<()> {
         };
         println!(
             "ferrite / {name}: p50 {:.2}x, p99 {:.2}x{throughput}",
-            ratio(ferrite_results.p50, reference.p50),
-            ratio(ferrite_results.p99, reference.p99),
+            ratio(ferrite_results.p(50), reference.p(50)),
+            ratio(ferrite_results.p(99), reference.p(99)),
         );
     }
     Ok(())
 }
 
-/// Latency one message at a time, then (if asked) throughput with concurrent publishers.
-async fn measure<P: RoundTrip + 'static>(
+/// What one path measured.
+#[derive(Default)]
+struct Samples {
+    latencies: Vec<Duration>,
+    /// Time spent on the throughput runs, all rounds together.
+    busy: Duration,
+}
+
+impl Samples {
+    fn p(&mut self, percentile: usize) -> Duration {
+        self.latencies.sort_unstable();
+        self.latencies[(self.latencies.len() * percentile / 100).min(self.latencies.len() - 1)]
+    }
+
+    fn rate(&self) -> Option<f64> {
+        (!self.busy.is_zero())
+            .then(|| (ROUNDS * throughput_messages()) as f64 / self.busy.as_secs_f64())
+    }
+}
+
+/// One message there and back.
+async fn round_trip<P: RoundTrip>(
+    path: &P,
+    done: &mut mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    path.publish().await?;
+    tokio::time::timeout(PATIENCE, done.recv())
+        .await
+        .context("round trip timed out")?;
+    Ok(started.elapsed())
+}
+
+/// Messages per throughput run: a whole number per publisher.
+fn throughput_messages() -> usize {
+    THROUGHPUT_MESSAGES / PUBLISHERS * PUBLISHERS
+}
+
+/// Time to get [`throughput_messages`] round, from concurrent publishers.
+async fn throughput<P: RoundTrip + 'static>(
     path: &Arc<P>,
     done: &mut mpsc::UnboundedReceiver<()>,
-    throughput: bool,
-) -> anyhow::Result<Results> {
-    let mut latencies = Vec::with_capacity(LATENCY_MESSAGES);
-    for i in 0..WARM_UP + LATENCY_MESSAGES {
-        let started = Instant::now();
-        path.publish().await?;
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut publishers = tokio::task::JoinSet::new();
+    for _ in 0..PUBLISHERS {
+        let path = path.clone();
+        publishers.spawn(async move {
+            for _ in 0..throughput_messages() / PUBLISHERS {
+                path.publish().await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    for _ in 0..throughput_messages() {
         tokio::time::timeout(PATIENCE, done.recv())
             .await
-            .context("round trip timed out")?;
-        if i >= WARM_UP {
-            latencies.push(started.elapsed());
-        }
+            .context("throughput run timed out")?;
     }
-    latencies.sort_unstable();
-    let p50 = latencies[latencies.len() / 2];
-    let p99 = latencies[latencies.len() * 99 / 100];
-
-    let messages_per_second = if throughput {
-        let started = Instant::now();
-        let mut publishers = tokio::task::JoinSet::new();
-        for _ in 0..PUBLISHERS {
-            let path = path.clone();
-            publishers.spawn(async move {
-                for _ in 0..THROUGHPUT_MESSAGES / PUBLISHERS {
-                    path.publish().await?;
-                }
-                anyhow::Ok(())
-            });
-        }
-        for _ in 0..THROUGHPUT_MESSAGES / PUBLISHERS * PUBLISHERS {
-            tokio::time::timeout(PATIENCE, done.recv())
-                .await
-                .context("throughput run timed out")?;
-        }
-        let elapsed = started.elapsed();
-        while let Some(published) = publishers.join_next().await {
-            published??;
-        }
-        Some((THROUGHPUT_MESSAGES / PUBLISHERS * PUBLISHERS) as f64 / elapsed.as_secs_f64())
-    } else {
-        None
-    };
-    Ok(Results {
-        p50,
-        p99,
-        messages_per_second,
-    })
+    let elapsed = started.elapsed();
+    while let Some(published) = publishers.join_next().await {
+        published??;
+    }
+    Ok(elapsed)
 }
 
 fn body() -> Vec<u8> {
@@ -384,38 +422,51 @@ impl RoundTrip for RawPath {
     }
 }
 
-/// Ferrite's broker handle and consumer, with a handler that only signals its commit.
+/// Ferrite's broker handle and consumer, with a handler that does nothing but what the
+/// framework does around it (the inbox row, the commit, the ack).
 struct FerritePath {
     broker: Broker,
     queue: String,
     settings: AmqpSettings,
     shutdown: CancellationToken,
     consumer: tokio::task::JoinHandle<()>,
-    listener: tokio::task::JoinHandle<()>,
 }
 
-/// Notifies the benchmark when its transaction commits.
-struct CommitSignal {
-    channel: String,
-}
+struct NoEffect;
 
 #[async_trait::async_trait]
-impl Handler for CommitSignal {
+impl Handler for NoEffect {
     async fn handle(
         &self,
         _: &IncomingMessage,
-        tx: &mut Transaction<'_, Postgres>,
+        _: &mut Transaction<'_, Postgres>,
     ) -> Result<(), HandlerError> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&self.channel)
-            .execute(&mut **tx)
-            .await?;
         Ok(())
     }
 }
 
+/// Reports each closed `amqp.consume` span: the consumer closes it after the ack, so this is
+/// the end of a Ferrite round trip, seen without changing what is measured.
+struct ConsumeSpanClosed {
+    done: mpsc::UnboundedSender<()>,
+}
+
+impl<S> Layer<S> for ConsumeSpanClosed
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        if ctx
+            .span(&id)
+            .is_some_and(|span| span.name() == "amqp.consume")
+        {
+            let _ = self.done.send(());
+        }
+    }
+}
+
 impl FerritePath {
-    async fn start(pool: &PgPool) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<()>)> {
+    async fn start(pool: &PgPool) -> anyhow::Result<Arc<Self>> {
         let suffix = Uuid::new_v4().simple();
         let settings = AmqpSettings {
             url: Secret::new(url::Url::parse(AMQP_URL)?),
@@ -431,41 +482,25 @@ impl FerritePath {
             .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
             .await?;
 
-        let channel = format!("bench_{suffix}");
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(&channel).await?;
-        let (done, finished) = mpsc::unbounded_channel();
-        let listener = tokio::spawn(async move {
-            while listener.recv().await.is_ok() {
-                let _ = done.send(());
-            }
-        });
-
-        let handler = Arc::new(CommitSignal { channel });
         let spec = ConsumerSpec::new(
             queue.clone(),
             &[JobRequested::ROUTING_KEY],
             &broker,
-            handler,
+            Arc::new(NoEffect),
         );
         let shutdown = CancellationToken::new();
         let consumer = spawn_consumer(broker.clone(), pool.clone(), spec, shutdown.clone());
-        Ok((
-            Arc::new(Self {
-                broker,
-                queue,
-                settings,
-                shutdown,
-                consumer,
-                listener,
-            }),
-            finished,
-        ))
+        Ok(Arc::new(Self {
+            broker,
+            queue,
+            settings,
+            shutdown,
+            consumer,
+        }))
     }
 
     async fn stop(self: Arc<Self>) {
         self.shutdown.cancel();
-        self.listener.abort();
         let Ok(path) = Arc::try_unwrap(self) else {
             return;
         };
