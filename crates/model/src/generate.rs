@@ -1,0 +1,660 @@
+//! Text generation with a KV cache: greedy and sampled decoding (temperature, top-k, top-p)
+//! from a per-sequence seed, stop tokens and stop strings, log-probabilities, and batches of
+//! prompts of different lengths.
+//!
+//! The unit of work is [`Batch::step`]: sample one token for every running sequence, report
+//! what each sequence's caller may now see, then run one forward pass for the survivors.
+//! Sequences can join ([`Batch::add`]) and leave between steps, which is what a server's
+//! continuous batching needs; [`generate`] is the simple loop over it.
+//!
+//! Text is released under two rules: a character split across tokens is held until it is
+//! complete, and text that could still grow into a stop string is held until it cannot, so a
+//! streaming caller never sees a stop string or any prefix of one.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::llama::{ForwardOptions, KvCache, Llama};
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+
+/// Why generation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// A prompt had no tokens; there is nothing to condition on.
+    #[error("prompt {index} is empty")]
+    EmptyPrompt {
+        /// Position of the prompt in the request.
+        index: usize,
+    },
+    /// A prompt token has no embedding row.
+    #[error("prompt {index} contains token id {token}, outside the model's vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// Position of the prompt in the request.
+        index: usize,
+        /// The offending id.
+        token: u32,
+        /// The model's vocabulary size.
+        vocab: i64,
+    },
+    /// A sampling parameter is out of its range.
+    #[error("invalid sampling parameter: {0}")]
+    InvalidParameter(String),
+}
+
+/// Turns generated ids into text; implemented by the crate's tokenizer and by test decoders.
+pub trait TextDecoder {
+    /// The text of `ids`, special tokens skipped, incomplete UTF-8 as U+FFFD.
+    fn decode(&self, ids: &[u32]) -> String;
+}
+
+impl TextDecoder for Tokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        // The embedding may have more rows than the tokenizer has ids (it is often padded);
+        // an id past the tokenizer has no text.
+        let size = self.vocab_size();
+        let known: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < size)
+            .collect();
+        Tokenizer::decode(self, &known, true).unwrap_or_default()
+    }
+}
+
+/// How one sequence is decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens; `None` keeps all.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p; `None` keeps all.
+    pub top_p: Option<f64>,
+    /// Seed of this sequence's own generator: the same seed gives the same tokens.
+    pub seed: u64,
+    /// Texts that end generation; the text returned stops right before the first one.
+    pub stop: Vec<String>,
+    /// Tokens that end generation (normally EOS); they are not part of the text.
+    pub stop_token_ids: Vec<u32>,
+    /// Whether to report each token's log-probability.
+    pub logprobs: bool,
+    /// How many most likely alternatives to report per position (with `logprobs`).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    fn validate(&self) -> Result<(), GenerateError> {
+        let invalid = |message: String| Err(GenerateError::InvalidParameter(message));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return invalid(format!(
+                "temperature must be finite and >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return invalid(format!("top_p must lie in (0, 1], got {p}"));
+        }
+        if self.top_k == Some(0) {
+            return invalid("top_k must be at least 1".to_string());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return invalid("a stop string is empty".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The log-probability of a chosen token under the model (before temperature and filtering),
+/// with the most likely alternatives at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token.
+    pub token: u32,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string was produced.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+}
+
+/// Identifies a sequence within a [`Batch`].
+pub type SequenceId = u64;
+
+/// What one step produced for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// The sequence.
+    pub sequence: SequenceId,
+    /// The token sampled this step.
+    pub token: u32,
+    /// Text newly safe to show: never half a character, never part of a stop string.
+    pub text_delta: String,
+    /// The token's log-probability, when requested.
+    pub logprob: Option<TokenLogprob>,
+    /// Set on the sequence's last step.
+    pub finished: Option<FinishReason>,
+}
+
+/// A finished sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated tokens, including a final stop token if one ended the sequence.
+    pub tokens: Vec<u32>,
+    /// Generated text, cut before any stop string.
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Per-token log-probabilities, when requested.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    id: SequenceId,
+    params: SamplingParams,
+    rng: Rng,
+    generated: Vec<u32>,
+    /// Bytes of the decoded text already released to the caller.
+    released: usize,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    /// Logits for this sequence's next token, from the last forward pass.
+    next_logits: Vec<f32>,
+    /// Rotary position of the next token.
+    next_position: i64,
+}
+
+/// Running sequences sharing one KV cache, left-padded to a common length.
+pub struct Batch<'m> {
+    model: &'m Llama,
+    decoder: &'m dyn TextDecoder,
+    cache: KvCache,
+    /// `[rows, cached]`, 1 where a cached position is a real token.
+    mask: Option<Tensor>,
+    padded: bool,
+    sequences: Vec<Sequence>,
+    completions: Vec<(SequenceId, Completion)>,
+    next_id: SequenceId,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("sequences", &self.sequences.len())
+            .field("cached", &self.cache.len())
+            .finish()
+    }
+}
+
+impl<'m> Batch<'m> {
+    /// An empty batch over `model`, decoding text with `decoder`.
+    pub fn new(model: &'m Llama, decoder: &'m dyn TextDecoder) -> Self {
+        Self {
+            model,
+            decoder,
+            cache: KvCache::new(model.layers.len()),
+            mask: None,
+            padded: false,
+            sequences: Vec::new(),
+            completions: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Number of running sequences.
+    pub fn len(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// Whether no sequence is running.
+    pub fn is_empty(&self) -> bool {
+        self.sequences.is_empty()
+    }
+
+    /// Prefills `prompts` together (left-padded to the longest) and adds them to the batch;
+    /// returns their ids in order. Their first tokens are sampled by the next [`Batch::step`].
+    pub fn add(
+        &mut self,
+        prompts: &[(Vec<u32>, SamplingParams)],
+    ) -> Result<Vec<SequenceId>, GenerateError> {
+        let vocab = self.model.config().vocab_size;
+        for (index, (prompt, params)) in prompts.iter().enumerate() {
+            params.validate()?;
+            if prompt.is_empty() {
+                return Err(GenerateError::EmptyPrompt { index });
+            }
+            if let Some(&token) = prompt.iter().find(|&&token| i64::from(token) >= vocab) {
+                return Err(GenerateError::TokenOutOfRange {
+                    index,
+                    token,
+                    vocab,
+                });
+            }
+        }
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        let device = self.model.embed_tokens().device();
+        let longest = prompts
+            .iter()
+            .map(|(prompt, _)| prompt.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::with_capacity(prompts.len() * longest);
+        let mut mask = Vec::with_capacity(prompts.len() * longest);
+        for (prompt, _) in prompts {
+            let padding = longest - prompt.len();
+            ids.extend(
+                std::iter::repeat_n(0i64, padding).chain(prompt.iter().map(|&t| i64::from(t))),
+            );
+            mask.extend(
+                std::iter::repeat_n(0i64, padding).chain(std::iter::repeat_n(1i64, prompt.len())),
+            );
+        }
+        let shape = [prompts.len() as i64, longest as i64];
+        let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+        let mask = Tensor::from_slice(&mask).view(shape).to_device(device);
+        // Positions count real tokens only, so a left-padded prompt gets the positions it
+        // would have alone; padding slots get 0, which the mask hides anyway.
+        let positions = (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let any_padding = prompts.iter().any(|(prompt, _)| prompt.len() < longest);
+
+        let mut cache = KvCache::new(self.model.layers.len());
+        let logits = tch::no_grad(|| {
+            let options = ForwardOptions {
+                attention_mask: any_padding.then_some(&mask),
+                position_ids: Some(&positions),
+            };
+            self.model
+                .forward(&ids, &options, Some(&mut cache))
+                .select(1, -1)
+        });
+        let logits = rows_to_vecs(&logits);
+
+        let mut ids_out = Vec::with_capacity(prompts.len());
+        for ((prompt, params), next_logits) in prompts.iter().zip(logits) {
+            let id = self.next_id;
+            self.next_id += 1;
+            ids_out.push(id);
+            self.sequences.push(Sequence {
+                id,
+                params: params.clone(),
+                rng: Rng::seed(params.seed),
+                generated: Vec::new(),
+                released: 0,
+                text: String::new(),
+                logprobs: Vec::new(),
+                next_logits,
+                next_position: prompt.len() as i64,
+            });
+        }
+        self.merge(cache, mask, any_padding);
+        Ok(ids_out)
+    }
+
+    /// Stacks a freshly prefilled group under the running rows, left-padding the shorter side.
+    fn merge(&mut self, mut cache: KvCache, mut mask: Tensor, padded: bool) {
+        let Some(mut current_mask) = self.mask.take() else {
+            self.cache = cache;
+            self.mask = Some(mask);
+            self.padded = padded;
+            return;
+        };
+        let (current, incoming) = (self.cache.len(), cache.len());
+        self.padded = self.padded || padded || current != incoming;
+        if current < incoming {
+            self.cache.pad_left(incoming - current);
+            current_mask = current_mask.constant_pad_nd([incoming - current, 0]);
+        } else {
+            cache.pad_left(current - incoming);
+            mask = mask.constant_pad_nd([current - incoming, 0]);
+        }
+        self.cache.append_rows(&cache);
+        self.mask = Some(Tensor::cat(&[current_mask, mask], 0));
+    }
+
+    /// Samples one token for every sequence, returns what each produced, drops the finished
+    /// ones and runs the forward pass that prepares the next step.
+    pub fn step(&mut self) -> Vec<StepOutput> {
+        let decoder = self.decoder;
+        let outputs: Vec<StepOutput> = self
+            .sequences
+            .iter_mut()
+            .map(|sequence| sequence.advance(decoder))
+            .collect();
+
+        let keep: Vec<i64> = outputs
+            .iter()
+            .enumerate()
+            .filter(|(_, output)| output.finished.is_none())
+            .map(|(row, _)| row as i64)
+            .collect();
+        if keep.len() < self.sequences.len() {
+            for (sequence, output) in self.sequences.iter_mut().zip(&outputs) {
+                if let Some(finish_reason) = output.finished {
+                    let completion = Completion {
+                        tokens: std::mem::take(&mut sequence.generated),
+                        text: std::mem::take(&mut sequence.text),
+                        finish_reason,
+                        logprobs: std::mem::take(&mut sequence.logprobs),
+                    };
+                    self.completions.push((sequence.id, completion));
+                }
+            }
+            self.retain_rows(&keep);
+        }
+        if !self.sequences.is_empty() {
+            self.decode_forward();
+        }
+        outputs
+    }
+
+    fn retain_rows(&mut self, keep: &[i64]) {
+        let mut row = 0;
+        self.sequences.retain(|_| {
+            let kept = keep.contains(&row);
+            row += 1;
+            kept
+        });
+        if self.sequences.is_empty() {
+            self.cache = KvCache::new(self.model.layers.len());
+            self.mask = None;
+            self.padded = false;
+            return;
+        }
+        let device = self.model.embed_tokens().device();
+        let rows = Tensor::from_slice(keep).to_device(device);
+        self.cache.select_rows(&rows);
+        if let Some(mask) = self.mask.as_mut() {
+            *mask = mask.index_select(0, &rows);
+            // Columns that are padding in every surviving row hold nothing anyone attends to.
+            let real_per_column = mask.sum_dim_intlist(0, false, Kind::Int64);
+            let leading_empty = Vec::<i64>::try_from(&real_per_column.to_device(Device::Cpu))
+                .unwrap_or_default()
+                .iter()
+                .take_while(|&&count| count == 0)
+                .count() as i64;
+            if leading_empty > 0 {
+                let width = mask.size()[1] - leading_empty;
+                *mask = mask.narrow(1, leading_empty, width);
+                self.cache.narrow_front(leading_empty);
+            }
+        }
+    }
+
+    fn decode_forward(&mut self) {
+        let device = self.model.embed_tokens().device();
+        let rows = self.sequences.len() as i64;
+        let last: Vec<i64> = self
+            .sequences
+            .iter()
+            .map(|sequence| {
+                sequence
+                    .generated
+                    .last()
+                    .map_or(0, |&token| i64::from(token))
+            })
+            .collect();
+        let positions: Vec<i64> = self
+            .sequences
+            .iter()
+            .map(|sequence| sequence.next_position)
+            .collect();
+        let ids = Tensor::from_slice(&last).view([rows, 1]).to_device(device);
+        let positions = Tensor::from_slice(&positions)
+            .view([rows, 1])
+            .to_device(device);
+        let mask = match self.mask.take() {
+            Some(mask) => Tensor::cat(&[mask, Tensor::ones([rows, 1], (Kind::Int64, device))], 1),
+            None => Tensor::ones([rows, 1], (Kind::Int64, device)),
+        };
+        let logits = tch::no_grad(|| {
+            let options = ForwardOptions {
+                // Without padding every row sees its whole cache, and the kernel needs no mask.
+                attention_mask: self.padded.then_some(&mask),
+                position_ids: Some(&positions),
+            };
+            self.model
+                .forward(&ids, &options, Some(&mut self.cache))
+                .select(1, -1)
+        });
+        self.mask = Some(mask);
+        for (sequence, next_logits) in self.sequences.iter_mut().zip(rows_to_vecs(&logits)) {
+            sequence.next_logits = next_logits;
+            sequence.next_position += 1;
+        }
+    }
+
+    /// Ids of the sequences still running.
+    pub fn running(&self) -> Vec<SequenceId> {
+        self.sequences.iter().map(|sequence| sequence.id).collect()
+    }
+
+    /// Removes and returns the sequences that finished so far, with their ids.
+    pub fn take_completions(&mut self) -> Vec<(SequenceId, Completion)> {
+        std::mem::take(&mut self.completions)
+    }
+}
+
+/// `[rows, vocab]` logits as one f32 vector per row, on the CPU.
+fn rows_to_vecs(logits: &Tensor) -> Vec<Vec<f32>> {
+    let logits = logits.to_kind(Kind::Float).to_device(Device::Cpu);
+    let rows = logits.size()[0];
+    (0..rows)
+        .map(|row| Vec::<f32>::try_from(&logits.get(row)).unwrap_or_default())
+        .collect()
+}
+
+impl Sequence {
+    /// Samples the next token, updates the text and decides whether the sequence is done.
+    fn advance(&mut self, decoder: &dyn TextDecoder) -> StepOutput {
+        let token = sample(&self.next_logits, &self.params, &mut self.rng);
+        let logprob = self
+            .params
+            .logprobs
+            .then(|| token_logprob(&self.next_logits, token, self.params.top_logprobs));
+        if let Some(logprob) = &logprob {
+            self.logprobs.push(logprob.clone());
+        }
+        self.generated.push(token);
+
+        let stop_token = self.params.stop_token_ids.contains(&token);
+        let text_tokens = if stop_token {
+            &self.generated[..self.generated.len() - 1]
+        } else {
+            &self.generated[..]
+        };
+        let text = decoder.decode(text_tokens);
+        let (release_to, finished) = match find_stop(&text, &self.params.stop, self.released) {
+            Some(stop_at) => (stop_at, Some(FinishReason::Stop)),
+            None if stop_token => (text.len(), Some(FinishReason::Stop)),
+            None if self.generated.len() >= self.params.max_tokens => {
+                (text.len(), Some(FinishReason::Length))
+            }
+            None => (
+                safe_release_point(&text, &self.params.stop, self.released),
+                None,
+            ),
+        };
+        let text_delta = text
+            .get(self.released..release_to)
+            .unwrap_or_default()
+            .to_string();
+        self.released = release_to.max(self.released);
+        self.text = if finished.is_some() {
+            text.get(..release_to).unwrap_or_default().to_string()
+        } else {
+            text
+        };
+        StepOutput {
+            sequence: self.id,
+            token,
+            text_delta,
+            logprob,
+            finished,
+        }
+    }
+}
+
+/// Byte index where the earliest stop string begins, searching text not yet released.
+fn find_stop(text: &str, stops: &[String], released: usize) -> Option<usize> {
+    // Released text never ends inside a stop string's prefix (see `safe_release_point`), so a
+    // stop can only begin at or after the release point... except that it may overlap it by
+    // up to its length minus one when the released text ended just before it; search from
+    // a little earlier to be safe, then clamp.
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let mut from = released.saturating_sub(longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|stop| text[from..].find(stop.as_str()).map(|at| from + at))
+        .min()
+        .map(|at| at.max(released))
+}
+
+/// How far text may be released: not into a trailing incomplete character (decoded as
+/// U+FFFD) and not into a tail that a stop string begins with.
+fn safe_release_point(text: &str, stops: &[String], released: usize) -> usize {
+    let stable = text.trim_end_matches('\u{FFFD}').len();
+    let stable_text = &text[..stable];
+    let held = (released..stable)
+        .filter(|&start| stable_text.is_char_boundary(start))
+        .find(|&start| {
+            let tail = &stable_text[start..];
+            stops.iter().any(|stop| stop.starts_with(tail))
+        });
+    held.unwrap_or(stable).max(released)
+}
+
+/// Picks the next token from raw logits according to `params`.
+fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    if params.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let mut candidates: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| (id as u32, f64::from(logit) / params.temperature))
+        .collect();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if let Some(k) = params.top_k {
+        candidates.truncate(k.max(1));
+    }
+
+    // Softmax over the survivors, shifted by the maximum for stability.
+    let max = candidates.first().map_or(0.0, |c| c.1);
+    let mut total = 0.0;
+    for candidate in &mut candidates {
+        candidate.1 = (candidate.1 - max).exp();
+        total += candidate.1;
+    }
+    if let Some(p) = params.top_p {
+        // Nucleus: the shortest most-likely prefix whose mass reaches p.
+        let mut mass = 0.0;
+        let mut keep = candidates.len();
+        for (index, candidate) in candidates.iter().enumerate() {
+            mass += candidate.1 / total;
+            if mass >= p {
+                keep = index + 1;
+                break;
+            }
+        }
+        candidates.truncate(keep);
+        total = candidates.iter().map(|c| c.1).sum();
+    }
+
+    let mut threshold = rng.next_f64() * total;
+    for &(id, weight) in &candidates {
+        threshold -= weight;
+        if threshold < 0.0 {
+            return id;
+        }
+    }
+    // Rounding can leave a sliver past the last candidate; it belongs to the last one.
+    candidates.last().map_or(0, |c| c.0)
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, &logit) in logits.iter().enumerate() {
+        if logit > logits[best] {
+            best = index;
+        }
+    }
+    best as u32
+}
+
+fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = logits
+        .iter()
+        .map(|&l| f64::from(l - max).exp())
+        .sum::<f64>()
+        .ln();
+    let logprob = |id: usize| (f64::from(logits[id] - max) - log_total) as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let top = top.min(logits.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        order.truncate(top);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    }
+    TokenLogprob {
+        token,
+        logprob: logprob(token as usize),
+        top: if top > 0 {
+            order.iter().map(|&id| (id as u32, logprob(id))).collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Generates completions for `prompts` in one batch, calling `on_step` with every step's
+/// outputs (for streaming), and returns the completions in prompt order.
+pub fn generate(
+    model: &Llama,
+    decoder: &dyn TextDecoder,
+    prompts: &[(Vec<u32>, SamplingParams)],
+    mut on_step: impl FnMut(&StepOutput),
+) -> Result<Vec<Completion>, GenerateError> {
+    let mut batch = Batch::new(model, decoder);
+    let ids = batch.add(prompts)?;
+    while !batch.is_empty() {
+        batch.step().iter().for_each(&mut on_step);
+    }
+    let mut done = batch.take_completions();
+    done.sort_by_key(|(id, _)| ids.iter().position(|known| known == id));
+    Ok(done.into_iter().map(|(_, completion)| completion).collect())
+}

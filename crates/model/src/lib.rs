@@ -1,0 +1,15 @@
+//! The language model: configuration, the Llama decoder on tch, Hugging Face checkpoints,
+//! text generation and device selection.
+
+pub mod checkpoint;
+pub mod gguf;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod llama;
+pub mod rng;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use config::ModelConfig;
+pub use llama::Llama;

@@ -1,0 +1,343 @@
+//! Reads and writes the safetensors format: an 8-byte little-endian header length, a JSON
+//! header mapping tensor names to dtype, shape and byte range, then the raw bytes.
+//!
+//! Written here rather than through tch because tch's writer cannot attach the
+//! `{"format": "pt"}` metadata `transformers` expects, and its reader panics on corrupt files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+/// Why a safetensors file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    /// The file could not be read or written.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The bytes do not form a valid safetensors file.
+    #[error("{path} is not a valid safetensors file: {problem}")]
+    Corrupt {
+        /// The file involved.
+        path: String,
+        /// What is wrong, e.g. a truncated header or data past the end of the file.
+        problem: String,
+    },
+    /// A tensor uses a dtype this reader does not convert.
+    #[error("{path}: tensor {name} has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file involved.
+        path: String,
+        /// The tensor's name.
+        name: String,
+        /// The dtype as written in the header.
+        dtype: String,
+    },
+    /// libtorch refused an operation on a tensor.
+    #[error("{path}: tensor {name}: {source}")]
+    Torch {
+        /// The file involved.
+        path: String,
+        /// The tensor's name.
+        name: String,
+        /// The libtorch error.
+        source: tch::TchError,
+    },
+}
+
+/// The safetensors name of a tch kind, and its size in bytes.
+fn dtype_of(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "F32",
+        Kind::Double => "F64",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Int16 => "I16",
+        Kind::Int8 => "I8",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        _ => return None,
+    })
+}
+
+fn kind_of(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F32" => Kind::Float,
+        "F64" => Kind::Double,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Writes `tensors` to `path` with the given string metadata (e.g. `format = pt`).
+/// Tensors are moved to the CPU and made contiguous; names are written sorted.
+pub fn save(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), SafetensorsError> {
+    let shown = path.display().to_string();
+    let mut header = Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".to_string(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
+    }
+    let mut blobs = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, tensor) in tensors {
+        let torch_error = |source| SafetensorsError::Torch {
+            path: shown.clone(),
+            name: name.clone(),
+            source,
+        };
+        let kind = tensor.f_kind().map_err(torch_error)?;
+        let dtype = dtype_of(kind).ok_or_else(|| SafetensorsError::UnsupportedDtype {
+            path: shown.clone(),
+            name: name.clone(),
+            dtype: format!("{kind:?}"),
+        })?;
+        let cpu = tensor
+            .detach()
+            .f_to_device(Device::Cpu)
+            .map_err(torch_error)?
+            .contiguous();
+        let numel = cpu.numel();
+        let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+        cpu.f_copy_data_u8(&mut bytes, numel).map_err(torch_error)?;
+        let shape: Vec<i64> = cpu.size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+        blobs.push(bytes);
+    }
+
+    let mut header_bytes = Value::Object(header).to_string().into_bytes();
+    // Padding the header to 8 bytes keeps the data aligned for readers that map it directly.
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let mut file = Vec::with_capacity(8 + header_bytes.len() + offset);
+    file.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
+    file.extend_from_slice(&header_bytes);
+    for blob in blobs {
+        file.extend_from_slice(&blob);
+    }
+    std::fs::write(path, file).map_err(|source| SafetensorsError::Io {
+        path: shown,
+        source,
+    })
+}
+
+/// Tensors read from a safetensors file, with the file's string metadata.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Tensors by name, on the CPU, in the dtype the file stores.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The `__metadata__` entries.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads every tensor of a safetensors file, checking the header against the file's size.
+pub fn load(path: &Path) -> Result<Loaded, SafetensorsError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| SafetensorsError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&bytes, &shown)
+}
+
+/// Parses safetensors bytes; `shown` names the source in errors.
+pub fn parse(bytes: &[u8], shown: &str) -> Result<Loaded, SafetensorsError> {
+    let corrupt = |problem: String| SafetensorsError::Corrupt {
+        path: shown.to_string(),
+        problem,
+    };
+    let length_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|slice| slice.try_into().ok())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "file is {} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ))
+        })?;
+    let header_length = u64::from_le_bytes(length_bytes);
+    let data_start = usize::try_from(header_length)
+        .ok()
+        .and_then(|length| length.checked_add(8))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "header claims {header_length} bytes but the file has only {} after the length",
+                bytes.len() - 8
+            ))
+        })?;
+    let header: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|error| corrupt(format!("header is not a JSON object: {error}")))?;
+    let data = &bytes[data_start..];
+
+    let mut loaded = Loaded {
+        tensors: BTreeMap::new(),
+        metadata: BTreeMap::new(),
+    };
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            loaded.metadata = serde_json::from_value(entry)
+                .map_err(|error| corrupt(format!("__metadata__ is not a string map: {error}")))?;
+            continue;
+        }
+        let tensor = parse_tensor(&name, &entry, data, shown)?;
+        loaded.tensors.insert(name, tensor);
+    }
+    Ok(loaded)
+}
+
+fn parse_tensor(
+    name: &str,
+    entry: &Value,
+    data: &[u8],
+    shown: &str,
+) -> Result<Tensor, SafetensorsError> {
+    let corrupt = |problem: String| SafetensorsError::Corrupt {
+        path: shown.to_string(),
+        problem: format!("tensor {name}: {problem}"),
+    };
+    let dtype = entry["dtype"]
+        .as_str()
+        .ok_or_else(|| corrupt("no dtype".to_string()))?;
+    let kind = kind_of(dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
+        path: shown.to_string(),
+        name: name.to_string(),
+        dtype: dtype.to_string(),
+    })?;
+    let shape: Vec<i64> = serde_json::from_value(entry["shape"].clone())
+        .map_err(|error| corrupt(format!("bad shape: {error}")))?;
+    let offsets: [usize; 2] = serde_json::from_value(entry["data_offsets"].clone())
+        .map_err(|error| corrupt(format!("bad data_offsets: {error}")))?;
+    let [begin, end] = offsets;
+    if begin > end || end > data.len() {
+        return Err(corrupt(format!(
+            "bytes {begin}..{end} lie outside the {} data bytes (file truncated?)",
+            data.len()
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |product, &dim| {
+            usize::try_from(dim)
+                .ok()
+                .and_then(|dim| product.checked_mul(dim))
+        })
+        .ok_or_else(|| corrupt(format!("invalid shape {shape:?}")))?;
+    let expected = numel * kind.elt_size_in_bytes();
+    if end - begin != expected {
+        return Err(corrupt(format!(
+            "shape {shape:?} of {dtype} needs {expected} bytes but the header gives {}",
+            end - begin
+        )));
+    }
+    Tensor::f_from_data_size(&data[begin..end], &shape, kind).map_err(|source| {
+        SafetensorsError::Torch {
+            path: shown.to_string(),
+            name: name.to_string(),
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BTreeMap<String, Tensor> {
+        BTreeMap::from([
+            (
+                "a.weight".to_string(),
+                Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0, 7.0, 8.0]).reshape([2, 3]),
+            ),
+            ("b.bias".to_string(), Tensor::from_slice(&[1i64, 2, 3])),
+            (
+                "c.half".to_string(),
+                Tensor::from_slice(&[0.5f32, 0.25]).to_kind(Kind::BFloat16),
+            ),
+        ])
+    }
+
+    #[test]
+    fn tensors_and_metadata_survive_a_round_trip() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.safetensors");
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        save(&path, &sample(), &metadata).expect("writes");
+        let loaded = load(&path).expect("reads back");
+        assert_eq!(loaded.metadata, metadata);
+        for (name, tensor) in sample() {
+            let read = &loaded.tensors[&name];
+            assert_eq!(read.size(), tensor.size(), "{name}");
+            assert_eq!(read.kind(), tensor.kind(), "{name}");
+            assert!(read.equal(&tensor), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_layout_matches_the_published_format() {
+        // The format's definition: u64 little-endian header size, then JSON, then the bytes
+        // of each tensor at its data_offsets, row-major, little-endian.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.safetensors");
+        let tensors = BTreeMap::from([("x".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))]);
+        save(&path, &tensors, &BTreeMap::new()).expect("writes");
+        let bytes = std::fs::read(&path).expect("reads");
+        let header_length = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + header_length]).expect("json");
+        assert_eq!(header["x"]["dtype"], "F32");
+        assert_eq!(header["x"]["data_offsets"], serde_json::json!([0, 8]));
+        let data = &bytes[8 + header_length..];
+        assert_eq!(data, [1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat());
+    }
+
+    #[test]
+    fn a_truncated_file_is_reported_not_panicked_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.safetensors");
+        save(&path, &sample(), &BTreeMap::new()).expect("writes");
+        let bytes = std::fs::read(&path).expect("reads");
+        for cut in [0, 5, 8, 20, bytes.len() - 1] {
+            let error = parse(&bytes[..cut], "t.safetensors").expect_err("truncated");
+            assert!(
+                matches!(error, SafetensorsError::Corrupt { .. }),
+                "cut {cut}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_that_lies_about_sizes_is_rejected() {
+        let header = br#"{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 8]);
+        let error = parse(&bytes, "lying.safetensors").expect_err("3 floats need 12 bytes");
+        assert!(error.to_string().contains("needs 12 bytes"), "{error}");
+    }
+}
