@@ -1,4 +1,4 @@
-//! Event round trip (publish, confirm, consume, commit, ack): Ferrite's messaging against plain lapin.
+//! Event round trip (publish, confirm, consume, commit, ack): Ferrite against plain lapin.
 //!
 //! Run it with the shared RabbitMQ (127.0.0.1:5672) and Postgres (127.0.0.1:5432) up:
 //!

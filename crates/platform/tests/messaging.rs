@@ -1,4 +1,4 @@
-//! Messaging against real RabbitMQ and Postgres: outbox, inbox deduplication, dead-lettering, restarts.
+//! Messaging against real RabbitMQ and Postgres: outbox, inbox, dead letters, broker restarts.
 
 mod common;
 

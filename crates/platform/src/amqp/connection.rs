@@ -1,4 +1,4 @@
-//! The broker handle: one lapin connection that a supervisor task keeps alive across broker restarts.
+//! The broker handle: one lapin connection that a supervisor task keeps alive across restarts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -240,7 +240,8 @@ async fn wait_until_lost(
         tokio::select! {
             _ = closed.cancelled() => return None,
             error = lost.recv() => {
-                return Some(error.map_or_else(|| "connection dropped".to_owned(), |e| e.to_string()));
+                let reason = error.map(|e| e.to_string());
+                return Some(reason.unwrap_or_else(|| "connection dropped".to_owned()));
             }
             _ = check.tick() => {
                 if !connection.status().connected() {

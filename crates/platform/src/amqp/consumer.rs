@@ -10,11 +10,12 @@
 //! delivery stays unacknowledged past its consumer timeout (30 minutes by default). The handler
 //! records the job in its transaction and returns; a worker takes it from Postgres with a lease.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrite_proto::Event;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -30,7 +31,7 @@ use uuid::Uuid;
 use super::{AmqpError, Broker, from_field_table, topology};
 use crate::telemetry;
 
-/// The longest pause before a failed message is requeued.
+/// The longest pause before a failed message is requeued or a failed subscription retried.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// What to consume and how to handle it.
@@ -157,19 +158,33 @@ async fn run_consumer(
     spec: Arc<ConsumerSpec>,
     shutdown: CancellationToken,
 ) {
-    let retry_delay = broker.settings().reconnect_delay;
+    let reconnect_delay = broker.settings().reconnect_delay;
+    let mut failed_subscribes = 0_u32;
     loop {
         let Some(connection) = broker.connection(&shutdown).await else {
             break;
         };
         match consume(&broker, &connection, &pool, &spec, &shutdown).await {
             Ok(Ended::Shutdown) => break,
-            Ok(Ended::Lost(reason)) => warn!(reason, "consumer lost its channel; re-subscribing"),
-            Err(error) => warn!(error = %error, "consumer could not subscribe; retrying"),
+            Ok(Ended::Lost(reason)) => {
+                failed_subscribes = 0;
+                warn!(reason, "consumer lost its channel; re-subscribing");
+            }
+            Err(error) => {
+                // A refused declaration (queue arguments changed) fails the same way every
+                // time: warn once, then retry ever more slowly without flooding the log.
+                if failed_subscribes == 0 {
+                    warn!(error = %error, "consumer could not subscribe; retrying");
+                }
+                failed_subscribes = failed_subscribes.saturating_add(1);
+            }
         }
+        let delay = reconnect_delay
+            .saturating_mul(failed_subscribes.max(1))
+            .min(MAX_RETRY_DELAY);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(retry_delay) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
     }
     info!("consumer stopped");
@@ -218,7 +233,10 @@ async fn consume(
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => report_panic(joined),
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(process(delivery, pool.clone(), spec.clone(), broker.settings().max_deliveries, shutdown.clone()));
+                    let max_deliveries = broker.settings().max_deliveries;
+                    let (pool, spec) = (pool.clone(), spec.clone());
+                    let shutdown = shutdown.clone();
+                    in_flight.spawn(process(delivery, pool, spec, max_deliveries, shutdown));
                 }
                 Some(Err(error)) => break Ended::Lost(error.to_string()),
                 None => break Ended::Lost("the broker cancelled the subscription".to_owned()),
@@ -251,8 +269,9 @@ fn report_panic(joined: Result<(), tokio::task::JoinError>) {
     if let Err(error) = joined
         && error.is_panic()
     {
-        // Its delivery is neither acked nor nacked: it returns to the queue with the channel.
-        error!(error = %error, "a message handler panicked");
+        // Handler panics are caught in `process`; this is one in the framework itself. Its
+        // delivery returns to the queue when the channel closes.
+        error!(error = %error, "message processing panicked");
     }
 }
 
@@ -276,7 +295,11 @@ async fn process(
     let message = match IncomingMessage::from_delivery(&delivery) {
         Ok(message) => message,
         Err(problem) => {
-            warn!(problem, routing_key = %delivery.routing_key, "dead-lettering a message that cannot be deduplicated");
+            let routing_key = delivery.routing_key.as_str();
+            warn!(
+                problem,
+                routing_key, "dead-lettering a message that cannot be deduplicated"
+            );
             nack(&delivery, false).await;
             return;
         }
@@ -293,7 +316,16 @@ async fn process(
     telemetry::set_remote_parent(&span, &message.headers);
 
     async {
-        match apply(&message, &pool, &spec).await {
+        // A panicking handler must not leave its delivery unacknowledged (holding a prefetch
+        // slot) until the channel closes: it counts as a failed attempt.
+        let outcome = AssertUnwindSafe(apply(&message, &pool, &spec))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                warn!("handler panicked; the message will be redelivered");
+                Outcome::Retry
+            });
+        match outcome {
             Outcome::Applied => ack(&delivery).await,
             Outcome::Duplicate => {
                 info!("skipping a message already processed");
@@ -355,7 +387,7 @@ async fn apply(message: &IncomingMessage, pool: &PgPool, spec: &ConsumerSpec) ->
         Ok(()) => match tx.commit().await {
             Ok(()) => Outcome::Applied,
             Err(error) => {
-                warn!(error = %error, "could not commit the handler's transaction; requeueing the message");
+                warn!(error = %error, "could not commit the handler's transaction; requeueing");
                 Outcome::Retry
             }
         },

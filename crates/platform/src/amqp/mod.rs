@@ -1,4 +1,4 @@
-//! RabbitMQ messaging: a reconnecting broker handle, confirmed publishing, a transactional outbox and idempotent consumers.
+//! RabbitMQ messaging: a reconnecting broker, confirmed publishes, an outbox, idempotent consumers.
 //!
 //! The guarantees, end to end:
 //! - an event written with [`outbox::enqueue`] inside a database transaction is published if and

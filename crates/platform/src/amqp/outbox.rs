@@ -1,4 +1,4 @@
-//! The transactional outbox: events written with the change that caused them, published after commit.
+//! The transactional outbox: events written with the change that caused them, sent after commit.
 //!
 //! [`enqueue`] inserts a row in the caller's transaction, so the event exists if and only if
 //! the change does. One relay per service pool ([`spawn_outbox_relay`]) publishes pending rows in
@@ -39,7 +39,10 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 ///
 /// The current span's trace context is stored with the row, so the consumer's span becomes a
 /// child of the request that wrote it, however long the row waits for the broker.
-#[tracing::instrument(skip_all, fields(messaging.routing_key = E::ROUTING_KEY, messaging.message_id))]
+#[tracing::instrument(
+    skip_all,
+    fields(messaging.routing_key = E::ROUTING_KEY, messaging.message_id)
+)]
 pub async fn enqueue<E: Event>(tx: &mut PgConnection, event: &E) -> Result<Uuid, AmqpError> {
     let message_id = Uuid::now_v7();
     tracing::Span::current().record("messaging.message_id", tracing::field::display(message_id));
@@ -103,7 +106,8 @@ async fn run_relay(broker: Broker, pool: PgPool, shutdown: CancellationToken) {
             }
             Err(error) => {
                 if !failing {
-                    warn!(error = %error, retry_delay_ms = retry_delay.as_millis(), "outbox relay failed; retrying");
+                    let retry_delay_ms = retry_delay.as_millis();
+                    warn!(error = %error, retry_delay_ms, "outbox relay failed; retrying");
                     failing = true;
                 }
                 tokio::select! {

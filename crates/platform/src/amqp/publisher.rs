@@ -43,7 +43,10 @@ impl Broker {
     /// Fails with [`AmqpError::NotConnected`] at once while the broker is away. A write to the
     /// database that must also emit an event should use [`super::outbox::enqueue`] instead, which
     /// cannot lose the event between the commit and the publish.
-    #[tracing::instrument(skip_all, fields(messaging.routing_key = E::ROUTING_KEY, messaging.message_id))]
+    #[tracing::instrument(
+        skip_all,
+        fields(messaging.routing_key = E::ROUTING_KEY, messaging.message_id)
+    )]
     pub async fn publish_event<E: Event>(&self, event: &E) -> Result<Uuid, AmqpError> {
         let message_id = Uuid::now_v7();
         tracing::Span::current()
@@ -63,7 +66,10 @@ impl Broker {
     /// Publishes one message and waits for the broker's confirm.
     #[tracing::instrument(
         skip_all,
-        fields(messaging.message_id = %message.message_id, messaging.routing_key = message.routing_key)
+        fields(
+            messaging.message_id = %message.message_id,
+            messaging.routing_key = message.routing_key,
+        )
     )]
     pub async fn publish(&self, message: OutgoingMessage<'_>) -> Result<(), AmqpError> {
         self.send(message).await?.confirmed().await

@@ -1,4 +1,4 @@
-//! Test support: a fresh Postgres database per test, per-test AMQP names, and private RabbitMQ nodes.
+//! Test support: a Postgres database per test, per-test AMQP names, private RabbitMQ nodes.
 //!
 //! The shared RabbitMQ (127.0.0.1:5672) and Postgres (127.0.0.1:5432) run on every development
 //! and CI machine. Tests never stop them: a test that needs the broker to go away starts a
