@@ -1,0 +1,241 @@
+//! The one JSON error body every Ferrite endpoint returns, in the OpenAI shape.
+//!
+//! Policy: handlers return typed errors of their own module and convert them into [`ApiError`]
+//! in one `From` impl per module, which picks the status. Client errors say what and where
+//! (the `param` names the field or line). A 500 says nothing internal; its cause chain goes to
+//! the log once, here, where it is turned into a response.
+
+use std::fmt;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+/// An error as clients see it: `{"error": {"message", "type", "code", "param"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A sentence for humans.
+    pub message: String,
+    /// The class of error, e.g. `invalid_request_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A stable snake_case code per failure, e.g. `model_not_found`.
+    pub code: Option<String>,
+    /// The request field (or line) at fault.
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                message: message.into(),
+                kind: kind.to_owned(),
+                code: Some(code.to_owned()),
+                param: None,
+            },
+        }
+    }
+
+    /// Names the request field or line at fault.
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.body.param = Some(param.into());
+        self
+    }
+
+    /// 400: the request is malformed or a field is invalid.
+    pub fn invalid_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    /// 401: no valid credentials.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    }
+
+    /// 403: valid credentials without the needed role.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", "insufficient_role", message)
+    }
+
+    /// 404 for a named resource kind, e.g. `not_found("model", "gpt-x")`.
+    pub fn not_found(resource: &str, name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!("{resource}_not_found"),
+            format!("the {resource} `{name}` does not exist"),
+        )
+    }
+
+    /// 409: the request conflicts with the current state.
+    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+    }
+
+    /// 503: a dependency is down; the client may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "unavailable", message)
+    }
+
+    /// 500. The cause is logged with its whole chain; the client sees a generic sentence.
+    pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(error = %ErrorChain(cause), "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "the server failed to handle the request",
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn body(&self) -> &ErrorBody {
+        &self.body
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.status.as_u16(), self.body.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(ErrorEnvelope { error: self.body.clone() })
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::internal(&e)
+    }
+}
+
+/// Displays an error and all its sources, `outer: inner: innermost`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// JSON extractor settings that turn malformed bodies into the standard 400.
+pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
+    actix_web::web::JsonConfig::default().limit(limit_bytes).error_handler(|err, _req| {
+        use actix_web::error::JsonPayloadError;
+        let api = match &err {
+            JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                format!("the body is {length} bytes; the limit is {limit}"),
+            ),
+            JsonPayloadError::Overflow { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                format!("the body exceeds the limit of {limit} bytes"),
+            ),
+            JsonPayloadError::ContentType => ApiError::invalid_request(
+                "invalid_content_type",
+                "the body must be JSON with `Content-Type: application/json`",
+            ),
+            JsonPayloadError::Deserialize(e) => body_error(e),
+            other => ApiError::invalid_request("invalid_json", format!("invalid body: {other}")),
+        };
+        api.into()
+    })
+}
+
+/// Names the field when serde says which one is wrong, so clients can point at it.
+fn body_error(e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::invalid_request(
+            "invalid_json",
+            format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
+        ),
+        Category::Data => {
+            let message = e.to_string();
+            let param = field_in_message(&message);
+            let error = ApiError::invalid_request("invalid_value", message);
+            match param {
+                Some(param) => error.with_param(param),
+                None => error,
+            }
+        }
+    }
+}
+
+/// serde's messages name the field in backticks: "missing field `model`", "unknown field `x`".
+fn field_in_message(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(message[start..end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_has_the_openai_shape() {
+        let error = ApiError::invalid_request("invalid_value", "bad").with_param("max_tokens");
+        let json = serde_json::to_value(ErrorEnvelope { error: error.body().clone() })
+            .expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {
+                "message": "bad", "type": "invalid_request_error",
+                "code": "invalid_value", "param": "max_tokens"
+            }})
+        );
+    }
+
+    #[test]
+    fn a_missing_field_is_named_in_param() {
+        #[derive(Debug, serde::Deserialize)]
+        #[expect(dead_code, reason = "only deserialised")]
+        struct Request {
+            model: String,
+        }
+        let err = serde_json::from_str::<Request>("{}").expect_err("missing field");
+        assert_eq!(body_error(&err).body().param.as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn an_internal_error_hides_its_cause() {
+        let cause = std::io::Error::other("password=abc at db-7");
+        let error = ApiError::internal(&cause);
+        assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!error.body().message.contains("password"));
+    }
+}

@@ -1,0 +1,141 @@
+//! Routes every Ferrite process serves (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`) and
+//! the request middleware that traces and measures each request.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use sqlx::PgPool;
+use tracing::Instrument;
+
+use crate::amqp::Broker;
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::telemetry;
+
+/// What `/readyz` checks: every pool of the process, the broker and the store.
+#[derive(Clone)]
+pub struct Readiness {
+    pub pools: Vec<(&'static str, PgPool)>,
+    pub broker: Broker,
+    pub storage: Storage,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadinessReport {
+    /// `ready` or `unready`.
+    pub status: &'static str,
+    /// Each dependency and whether it answered: `ok` or the reason it did not.
+    pub checks: std::collections::BTreeMap<String, String>,
+}
+
+impl Readiness {
+    pub async fn report(&self) -> ReadinessReport {
+        let mut checks = std::collections::BTreeMap::new();
+        for (name, pool) in &self.pools {
+            let result = sqlx::query("SELECT 1").execute(pool).await;
+            checks.insert(format!("postgres:{name}"), outcome(result.map(|_| ())));
+        }
+        let broker = if self.broker.is_connected() {
+            Ok(())
+        } else {
+            Err("not connected to RabbitMQ")
+        };
+        checks.insert("rabbitmq".into(), outcome(broker));
+        checks.insert("object_storage".into(), outcome(self.storage.check().await));
+        let ready = checks.values().all(|v| v == "ok");
+        ReadinessReport { status: if ready { "ready" } else { "unready" }, checks }
+    }
+}
+
+fn outcome<E: std::fmt::Display>(result: Result<(), E>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200)))]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Postgres, RabbitMQ and object storage are all reachable.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = ReadinessReport), (status = 503, body = ReadinessReport)))]
+async fn readyz(readiness: web::Data<Readiness>) -> HttpResponse {
+    let report = readiness.report().await;
+    if report.status == "ready" {
+        HttpResponse::Ok().json(report)
+    } else {
+        HttpResponse::ServiceUnavailable().json(report)
+    }
+}
+
+/// Metrics in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200)))]
+async fn metrics(metrics: web::Data<Metrics>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(metrics.render())
+}
+
+/// The OpenAPI document of the routes this process serves.
+async fn openapi(document: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse {
+    HttpResponse::Ok().json(document.get_ref())
+}
+
+pub fn operation_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.json", web::get().to(openapi));
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, readyz, metrics))]
+pub struct OperationsApi;
+
+/// Traces each request as a child of its incoming `traceparent`, and records its metrics.
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let method = req.method().to_string();
+    // The route pattern, not the path, keeps metric labels bounded.
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let remote: Vec<(String, String)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = req.headers().get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.method = %method,
+        http.route = %route,
+        http.status_code = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    telemetry::set_remote_parent(&span, &remote);
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+
+    let started = Instant::now();
+    let response = next.call(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+
+    let status = match &response {
+        Ok(response) => response.status().as_u16(),
+        Err(e) => e.as_response_error().status_code().as_u16(),
+    };
+    span.record("http.status_code", status);
+    span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
+    if let Some(metrics) = metrics {
+        metrics.observe_http(&method, &route, status, elapsed.as_secs_f64());
+    }
+    response
+}
