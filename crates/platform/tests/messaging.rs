@@ -495,6 +495,80 @@ async fn a_rolled_back_transaction_publishes_nothing() {
     db.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_running_handler_commit_and_leaves_the_rest_queued() {
+    let db = TestDatabase::create().await;
+    create_effects_table(&db.pool).await;
+    let settings = amqp_settings(SHARED_AMQP_URL, 5);
+    let broker = Broker::start(settings.clone(), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the shared broker");
+    let queue = unique_name("jobs");
+    let bindings = [JobRequested::ROUTING_KEY.to_owned()];
+    broker
+        .declare_queue(&queue, &bindings)
+        .await
+        .expect("declare");
+
+    let (mut recorder, mut calls) = Recorder::new();
+    let (entered, mut handler_entered) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    recorder.gate = Some(Gate {
+        entered,
+        release: release.clone(),
+        used: AtomicBool::new(false),
+    });
+    // Prefetch 1: the second message is not delivered while the first is unacknowledged.
+    let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 1, recorder);
+    let running = broker
+        .publish_event(&job("running"))
+        .await
+        .expect("publish");
+    let waiting = broker
+        .publish_event(&job("waiting"))
+        .await
+        .expect("publish");
+    assert_eq!(next_call(&mut calls).await.message_id, running);
+    tokio::time::timeout(PATIENCE, handler_entered.recv())
+        .await
+        .expect("the handler is running");
+
+    // Shutdown cancels the subscription first, so the ack of the running message frees no
+    // slot for the waiting one; then it waits for the running handler.
+    shutdown.cancel();
+    release.notify_one();
+    tokio::time::timeout(PATIENCE, consumer)
+        .await
+        .expect("stops in time")
+        .expect("no panic");
+
+    assert_eq!(
+        effects_of(&db.pool, running).await,
+        1,
+        "the running handler committed"
+    );
+    assert_eq!(
+        effects_of(&db.pool, waiting).await,
+        0,
+        "the waiting message was never handled"
+    );
+    assert!(
+        calls.try_recv().is_err(),
+        "no handler ran after the shutdown"
+    );
+    let ready = common::ready_messages(SHARED_AMQP_URL, &queue).await;
+    assert_eq!(
+        ready, 1,
+        "the running message was acknowledged, the waiting one is still queued"
+    );
+
+    common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
+    broker.close().await;
+    db.drop().await;
+}
+
 /// Runs on the current-thread runtime so that every task the test spawns (relay, consumer)
 /// records into the thread-local subscriber installed here.
 #[tokio::test]
