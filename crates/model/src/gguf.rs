@@ -9,6 +9,7 @@
 //! into the data section. The data section starts at the next multiple of the alignment
 //! (`general.alignment`, 32 when absent) after the tensor infos.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::ops::Deref;
@@ -685,16 +686,18 @@ fn parse_layout(bytes: &[u8]) -> Result<Layout, GgufErrorKind> {
     if version != SUPPORTED_VERSION {
         return Err(GgufErrorKind::UnsupportedVersion(version));
     }
-    // A tensor info is at least a name length, a dimension count, a type and an offset.
     let tensor_count = reader.u64("tensor count")?;
+    // A key/value pair is at least a key length, a value type and one byte of value.
     let metadata_count = reader.count("metadata count", 8 + 4 + 1)?;
 
+    // Duplicates are looked up in a set: a crafted file can hold millions of keys.
+    let mut seen = HashSet::new();
     let mut metadata: Vec<(String, MetadataValue)> = Vec::with_capacity(metadata_count);
     for index in 0..metadata_count {
         let key = reader.string(&format!("metadata key #{index}"))?;
         let type_id = reader.u32(&key)?;
         let value = reader.value(type_id, &key, 0)?;
-        if metadata.iter().any(|(k, _)| *k == key) {
+        if !seen.insert(key.clone()) {
             return Err(GgufErrorKind::Malformed(format!(
                 "metadata key {key} appears twice"
             )));
@@ -714,19 +717,23 @@ fn parse_layout(bytes: &[u8]) -> Result<Layout, GgufErrorKind> {
         },
     };
 
+    // A tensor info is at least a name length, a dimension count, one dimension, a type and
+    // an offset.
+    const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
     let left = (bytes.len() - reader.pos) as u64;
-    if tensor_count.saturating_mul(8 + 4 + 4 + 8) > left {
+    if tensor_count.saturating_mul(MIN_TENSOR_INFO_BYTES) > left {
         return Err(GgufErrorKind::Truncated {
             what: format!("tensor infos ({tensor_count} tensors)"),
             offset: reader.pos as u64,
-            needed: tensor_count.saturating_mul(24),
+            needed: tensor_count.saturating_mul(MIN_TENSOR_INFO_BYTES),
             file_len: bytes.len() as u64,
         });
     }
+    let mut seen = HashSet::new();
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(tensor_count as usize);
     for index in 0..tensor_count {
         let tensor = read_tensor_info(&mut reader, index, alignment)?;
-        if tensors.iter().any(|t| t.name == tensor.name) {
+        if !seen.insert(tensor.name.clone()) {
             let name = tensor.name;
             return Err(GgufErrorKind::Malformed(format!(
                 "tensor {name} appears twice"

@@ -544,14 +544,17 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The id that starts a document (SmolLM's is `<|im_start|>`).
     pub fn bos_id(&self) -> u32 {
         self.bos_id
     }
 
+    /// The id that ends a document or, for chat models whose EOS is `<|im_end|>`, a turn.
     pub fn eos_id(&self) -> u32 {
         self.eos_id
     }
 
+    /// The id that fills batches; EOS when the vocabulary names no pad token.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }

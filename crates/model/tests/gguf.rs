@@ -383,6 +383,22 @@ fn unknown_value_types_bad_bools_and_bad_alignments_are_malformed() {
 }
 
 #[test]
+fn a_key_or_tensor_name_given_twice_is_malformed() {
+    let twice_key = GgufWriter::new()
+        .meta("general.name", string("a"))
+        .meta("general.name", string("b"))
+        .build();
+    assert!(
+        matches!(kind_of(twice_key), GgufErrorKind::Malformed(m) if m.contains("general.name"))
+    );
+    let twice_tensor = GgufWriter::new()
+        .f32_tensor("x", &[1], &[1.0])
+        .f32_tensor("x", &[1], &[2.0])
+        .build();
+    assert!(matches!(kind_of(twice_tensor), GgufErrorKind::Malformed(m) if m.contains("tensor x")));
+}
+
+#[test]
 fn misaligned_and_out_of_file_tensor_offsets_are_errors() {
     let mut bytes = small_file();
     // The tensor offset is the last 8 bytes of the only tensor info, 16 bytes of data and
