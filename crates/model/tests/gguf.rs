@@ -888,6 +888,19 @@ fn smollm2_imports_134_5_million_parameters_with_q_rows_unpermuted() {
         as_f64(&k.values[576..579]),
         [0.203369140625, 0.09136962890625, 0.203369140625]
     );
+
+    // Rows from the other half and another head, as transformers 5's own GGUF loader
+    // (`from_pretrained(..., gguf_file=...)`, whose model answers "The capital of France is
+    // Paris.") un-permutes them: q row 32 (head 0, second half, i = 0) and k row 100 (head 1,
+    // second half, i = 4).
+    assert_eq!(
+        as_f64(&q.values[32 * 576..32 * 576 + 3]),
+        [-0.1173095703125, -0.1173095703125, -0.19281005859375]
+    );
+    assert_eq!(
+        as_f64(&k.values[100 * 576..100 * 576 + 3]),
+        [0.2972412109375, -0.07501220703125, 0.54541015625]
+    );
 }
 
 #[test]
