@@ -569,6 +569,87 @@ async fn shutdown_lets_the_running_handler_commit_and_leaves_the_rest_queued() {
     db.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_schema_migrated_by_the_platform_relays_its_own_outbox() {
+    use ferrite_platform::settings::DatabaseSettings;
+    use sqlx::postgres::PgListener;
+
+    let db = TestDatabase::create().await;
+    let url = format!("postgres://postgres@127.0.0.1:5432/{}", db.name);
+    let database = DatabaseSettings {
+        url: ferrite_platform::Secret::new(url::Url::parse(&url).expect("valid URL")),
+        max_connections: 5,
+        acquire_timeout: Duration::from_secs(10),
+    };
+    let schema = "relay_test";
+    let pool = ferrite_platform::db::connect(&database, schema).expect("pool");
+    ferrite_platform::db::migrate(&pool, schema, None)
+        .await
+        .expect("migrate");
+    create_effects_table(&pool).await;
+
+    // The relay listens on `ferrite_outbox_<its schema>`; the trigger must notify exactly there.
+    let mut listener = PgListener::connect_with(&pool).await.expect("listen");
+    listener
+        .listen(&format!("ferrite_outbox_{schema}"))
+        .await
+        .expect("listen");
+    let settings = amqp_settings(SHARED_AMQP_URL, 5);
+    let broker = Broker::start(settings.clone(), CancellationToken::new());
+    broker
+        .wait_connected(PATIENCE)
+        .await
+        .expect("connects to the shared broker");
+    let queue = unique_name("jobs");
+    let bindings = [JobRequested::ROUTING_KEY.to_owned()];
+    broker
+        .declare_queue(&queue, &bindings)
+        .await
+        .expect("declare");
+    let relay_shutdown = CancellationToken::new();
+    let relay = spawn_outbox_relay(pool.clone(), broker.clone(), relay_shutdown.clone());
+    let (recorder, mut calls) = Recorder::new();
+    let (consumer, shutdown) = start_consumer(&broker, &pool, &queue, 1, recorder);
+
+    let id = enqueue_committed(&pool, &job("in-a-schema")).await;
+    let notified = tokio::time::timeout(PATIENCE, listener.recv())
+        .await
+        .expect("notified");
+    assert_eq!(
+        notified.expect("a notification").channel(),
+        format!("ferrite_outbox_{schema}")
+    );
+    assert_eq!(next_call(&mut calls).await.message_id, id);
+    stop(consumer, shutdown).await;
+    stop(relay, relay_shutdown).await;
+
+    // The migration created both tables in the service's schema (the test database also has
+    // them in `public`, from `TestDatabase`).
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables
+         WHERE table_name IN ('outbox', 'inbox') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("list tables");
+    assert!(tables.contains(&format!("{schema}.outbox")), "{tables:?}");
+    assert!(tables.contains(&format!("{schema}.inbox")), "{tables:?}");
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        inbox, 1,
+        "the consumer recorded the message in the schema's inbox"
+    );
+
+    common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
+    broker.close().await;
+    pool.close().await;
+    db.drop().await;
+}
+
 /// Runs on the current-thread runtime so that every task the test spawns (relay, consumer)
 /// records into the thread-local subscriber installed here.
 #[tokio::test]
