@@ -201,6 +201,9 @@ async fn supervise(shared: Arc<Shared>) {
 async fn connect(
     settings: &AmqpSettings,
 ) -> Result<(Connection, mpsc::UnboundedReceiver<lapin::Error>), AmqpError> {
+    // TODO: lapin runs its I/O on its default executor (async-global-executor threads and an
+    // async-io reactor), not on Tokio, because `tokio-executor-trait` is not a dependency; it
+    // works, at the cost of a few extra threads per process.
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("ferrite:{}", settings.exchange).into());
     let connection = tokio::time::timeout(

@@ -29,6 +29,11 @@ use crate::telemetry;
 /// failed batch is cheap to retry.
 const BATCH_SIZE: i64 = 100;
 
+// TODO: Postgres serialises the commits of transactions that NOTIFY (one global lock), so
+// transactions that write to the outbox (its trigger notifies) cannot share a disk flush; past
+// a few hundred such commits per second this caps throughput, and the trigger should give way
+// to a short poll here.
+
 /// Fallback poll when no notification arrives.
 const POLL_INTERVAL: Duration = Duration::from_secs(5);
 
