@@ -215,6 +215,14 @@ impl ModelConfig {
         self
     }
 
+    /// The same config with the tokenizer's special token ids.
+    pub fn with_special_tokens(mut self, bos: u32, eos: u32, pad: u32) -> Self {
+        self.bos_token_id = Some(i64::from(bos));
+        self.eos_token_id = Some(i64::from(eos));
+        self.pad_token_id = Some(i64::from(pad));
+        self
+    }
+
     /// Number of key/value heads, defaulting to the query head count as `transformers` does.
     pub fn kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)

@@ -431,7 +431,19 @@ impl Tokenizer {
         let bos_id = special_id("bos_token")?.ok_or_else(|| invalid("no bos_token".into()))?;
         let eos_id = special_id("eos_token")?.ok_or_else(|| invalid("no eos_token".into()))?;
         let pad_id = special_id("pad_token")?.unwrap_or(eos_id);
-        let add_bos = config["add_bos_token"].as_bool().unwrap_or(false);
+        // Without the flag, the post-processor decides, as it does for Python: see whether it
+        // puts BOS in front of an empty text.
+        let add_bos = match config["add_bos_token"].as_bool() {
+            Some(flag) => flag,
+            None => {
+                inner
+                    .encode("", true)
+                    .map_err(library("encode an empty text"))?
+                    .get_ids()
+                    .first()
+                    == Some(&bos_id)
+            }
+        };
         let chat_template = config["chat_template"].as_str().map(str::to_owned);
         Self::assemble(inner, bos_id, eos_id, pad_id, add_bos, chat_template)
     }

@@ -26,6 +26,20 @@ pub fn split_held_out(tokens: &[u32], held_out_fraction: f64) -> (Vec<u32>, Vec<
     (tokens[..boundary].to_vec(), tokens[boundary..].to_vec())
 }
 
+/// Splits tokens into blocks of `block` and holds out every `every`-th block, so the held-out
+/// set samples the whole corpus rather than its last document.
+pub fn split_held_out_blocks(tokens: &[u32], block: usize, every: usize) -> (Vec<u32>, Vec<u32>) {
+    let (mut train, mut held_out) = (Vec::new(), Vec::new());
+    for (index, chunk) in tokens.chunks(block.max(1)).enumerate() {
+        if every > 0 && index % every == every - 1 {
+            held_out.extend_from_slice(chunk);
+        } else {
+            train.extend_from_slice(chunk);
+        }
+    }
+    (train, held_out)
+}
+
 /// Draws training batches of `[batch, sequence_length + 1]` windows at random offsets.
 #[derive(Debug, Clone)]
 pub struct RandomWindows {
@@ -147,10 +161,19 @@ mod tests {
     }
 
     #[test]
+    fn every_nth_block_is_held_out() {
+        // Blocks of 2 over 0..10: [0,1] [2,3] [4,5] [6,7] [8,9]; every 2nd held out.
+        let tokens: Vec<u32> = (0..10).collect();
+        let (train, held_out) = split_held_out_blocks(&tokens, 2, 2);
+        assert_eq!(held_out, [2, 3, 6, 7]);
+        assert_eq!(train, [0, 1, 4, 5, 8, 9]);
+    }
+
+    #[test]
     fn a_restored_stream_draws_the_same_windows() {
         let tokens: Vec<u32> = (0..1000).collect();
         let mut windows = RandomWindows::new(tokens, 8, 3).expect("long enough");
-        windows.next_batch(2, Device::Cpu);
+        let _ = windows.next_batch(2, Device::Cpu);
         let mut resumed = RandomWindows::new((0..1000).collect(), 8, 99).expect("long enough");
         resumed.restore(windows.drawn(), windows.rng_state());
         assert!(
