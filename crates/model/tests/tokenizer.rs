@@ -352,6 +352,29 @@ fn training_from_files_reads_them_and_names_a_missing_one() {
     assert!(error.to_string().contains("missing.txt"), "{error}");
 }
 
+#[test]
+fn loading_without_an_add_bos_flag_follows_the_saved_post_processor() {
+    let tokenizer = trained(400);
+    let dir = tempfile::tempdir().expect("temp dir");
+    tokenizer.save(dir.path()).expect("saves");
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("reads")).expect("json");
+    config
+        .as_object_mut()
+        .expect("object")
+        .remove("add_bos_token");
+    std::fs::write(&config_path, config.to_string()).expect("writes");
+
+    let loaded = Tokenizer::load(dir.path()).expect("loads");
+    // The saved post-processor puts <|bos|> first, so the loaded tokenizer adds it too.
+    assert!(loaded.adds_bos());
+    assert_eq!(
+        loaded.encode("hi", true).ok(),
+        tokenizer.encode("hi", true).ok()
+    );
+}
+
 /// The Python interpreter of the project's venv (scripts/setup-python.sh), else `python3`.
 fn python() -> std::path::PathBuf {
     std::env::var_os("FERRITE_PY_VENV")
@@ -360,34 +383,43 @@ fn python() -> std::path::PathBuf {
         .unwrap_or_else(|| "python3".into())
 }
 
-#[test]
-#[ignore = "needs Python with the tokenizers package (scripts/setup-python.sh)"]
-fn python_tokenizers_loads_the_saved_file_and_encodes_identically() {
-    let tokenizer = trained(400);
+/// Saves `tokenizer`, records its ids for `texts` and for a few chats, and has Python
+/// compare; returns the script's report.
+fn python_parity_report(tokenizer: &Tokenizer, texts: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     tokenizer.save(dir.path()).expect("saves");
 
-    let texts = [
-        "The miller counted 1024 sacks of grain.",
-        "  Leading spaces,   runs of spaces\tand\ttabs\n\nand blank lines",
-        "naïve café — 東京 🚀",
-        "fn main() { let x = 42; }",
-        "",
-    ];
     let cases: Vec<serde_json::Value> = texts
         .iter()
         .map(|t| serde_json::json!({"text": t, "ids": tokenizer.encode(t, true).expect("encodes")}))
         .collect();
-    let chat = tokenizer
-        .render_chat(
-            &[
+    let conversations = [
+        (
+            vec![
                 ChatMessage::new(Role::System, "Be brief."),
                 ChatMessage::new(Role::User, "Hi"),
             ],
             true,
-        )
-        .expect("renders");
-    let expected = serde_json::json!({ "encode": cases, "chat_with_generation_prompt": chat.ids });
+        ),
+        (
+            vec![
+                ChatMessage::new(Role::User, "What is the capital of France?"),
+                ChatMessage::new(Role::Assistant, "Paris."),
+            ],
+            false,
+        ),
+    ];
+    let chats: Vec<serde_json::Value> = conversations
+        .iter()
+        .map(|(messages, prompt)| {
+            let ids = tokenizer
+                .render_chat(messages, *prompt)
+                .expect("renders")
+                .ids;
+            serde_json::json!({"messages": messages, "add_generation_prompt": prompt, "ids": ids})
+        })
+        .collect();
+    let expected = serde_json::json!({ "encode": cases, "chats": chats });
     std::fs::write(dir.path().join("expected.json"), expected.to_string()).expect("writes");
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tokenizer_parity.py");
@@ -400,9 +432,43 @@ fn python_tokenizers_loads_the_saved_file_and_encodes_identically() {
         + &String::from_utf8_lossy(&output.stderr);
     println!("{report}");
     assert!(output.status.success(), "{report}");
+    report
+}
+
+const PARITY_TEXTS: [&str; 5] = [
+    "The miller counted 1024 sacks of grain.",
+    "  Leading spaces,   runs of spaces\tand\ttabs\n\nand blank lines",
+    "naïve café — 東京 🚀",
+    "fn main() { let x = 42; }",
+    "",
+];
+
+#[test]
+#[ignore = "needs Python with the tokenizers package (scripts/setup-python.sh)"]
+fn python_loads_the_saved_file_and_encodes_and_renders_chats_identically() {
+    let report = python_parity_report(&trained(400), &PARITY_TEXTS);
     assert!(report.contains("encode: 5/5 identical"), "{report}");
     assert!(
-        report.contains("chat: identical") || report.contains("chat: skipped"),
+        report.contains("chat: 2/2 identical") || report.contains("chat: skipped"),
+        "{report}"
+    );
+}
+
+#[test]
+#[ignore = "needs Python (scripts/setup-python.sh) and the SmolLM2 GGUF (scripts/fetch-data.sh)"]
+fn python_loads_the_saved_smollm2_tokenizer_and_agrees_on_text_and_chat() {
+    let data = std::env::var_os("FERRITE_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data"));
+    let gguf = data.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tokenizer = ferrite_model::gguf::GgufFile::open(gguf)
+        .and_then(|file| file.tokenizer())
+        .expect("SmolLM2 tokenizer rebuilds");
+    // The chat without a system message exercises the template's default system prompt.
+    let report = python_parity_report(&tokenizer, &PARITY_TEXTS);
+    assert!(report.contains("encode: 5/5 identical"), "{report}");
+    assert!(
+        report.contains("chat: 2/2 identical") || report.contains("chat: skipped"),
         "{report}"
     );
 }

@@ -3,10 +3,10 @@
 Usage: python tokenizer_parity.py DIR
 
 DIR holds tokenizer.json and tokenizer_config.json (Tokenizer::save) and expected.json with
-Ferrite's ids: {"encode": [{"text", "ids"}], "chat_with_generation_prompt": [ids]}.
-The encode cases are checked with the `tokenizers` package; the chat case with
-transformers' apply_chat_template when transformers is installed. Exits non-zero on any
-difference.
+Ferrite's ids: {"encode": [{"text", "ids"}], "chats": [{"messages", "add_generation_prompt",
+"ids"}]}. The encode cases are checked with the `tokenizers` package; the chats with
+transformers' apply_chat_template, which renders the saved Jinja template, when transformers
+is installed. Exits non-zero on any difference.
 """
 
 import json
@@ -42,18 +42,22 @@ def main() -> int:
         print("chat: skipped, transformers is not installed")
     else:
         hf = AutoTokenizer.from_pretrained(str(folder))
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-        ]
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        if list(ids) != expected["chat_with_generation_prompt"]:
-            failures += 1
-            print(f"DIFFERENT chat: python {list(ids)} ferrite {expected['chat_with_generation_prompt']}")
-        else:
-            print("chat: identical")
+        chats = expected["chats"]
+        same = 0
+        for chat in chats:
+            ids = hf.apply_chat_template(
+                chat["messages"],
+                add_generation_prompt=chat["add_generation_prompt"],
+                tokenize=True,
+            )
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            if list(ids) == chat["ids"]:
+                same += 1
+            else:
+                failures += 1
+                print(f"DIFFERENT chat {chat['messages']}: python {list(ids)} ferrite {chat['ids']}")
+        print(f"chat: {same}/{len(chats)} identical")
     return 1 if failures else 0
 
 
