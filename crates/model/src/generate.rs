@@ -658,3 +658,164 @@ pub fn generate(
     done.sort_by_key(|(id, _)| ids.iter().position(|known| known == id));
     Ok(done.into_iter().map(|(_, completion)| completion).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids below 256 are bytes.
+    struct Bytes;
+
+    impl TextDecoder for Bytes {
+        fn decode(&self, ids: &[u32]) -> String {
+            let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+
+    /// Feeds `tokens` through a sequence by making each the only likely one, returning the
+    /// deltas, the final text and the finish reason.
+    fn script(
+        tokens: &[u32],
+        params: SamplingParams,
+    ) -> (Vec<String>, String, Option<FinishReason>) {
+        let mut sequence = Sequence {
+            id: 0,
+            rng: Rng::seed(params.seed),
+            params,
+            generated: Vec::new(),
+            released: 0,
+            text: String::new(),
+            logprobs: Vec::new(),
+            next_logits: Vec::new(),
+            next_position: 0,
+        };
+        let mut deltas = Vec::new();
+        for &token in tokens {
+            let mut logits = vec![0.0f32; 256];
+            logits[token as usize] = 100.0;
+            sequence.next_logits = logits;
+            let output = sequence.advance(&Bytes);
+            deltas.push(output.text_delta);
+            if output.finished.is_some() {
+                return (deltas, sequence.text, output.finished);
+            }
+        }
+        (deltas, sequence.text, None)
+    }
+
+    fn bytes(text: &str) -> Vec<u32> {
+        text.bytes().map(u32::from).collect()
+    }
+
+    #[test]
+    fn a_stop_string_spanning_tokens_ends_the_text_before_it_and_is_never_streamed() {
+        let params = SamplingParams {
+            max_tokens: 100,
+            stop: vec!["END".to_string()],
+            ..SamplingParams::default()
+        };
+        let (deltas, text, finished) = script(&bytes("abEN ENxEND tail"), params);
+        assert_eq!(text, "abEN ENx");
+        assert_eq!(finished, Some(FinishReason::Stop));
+        assert_eq!(deltas.concat(), "abEN ENx");
+        // "E" then "EN" were held back while they could still become "END", then released.
+        assert_eq!(deltas, ["a", "b", "", "", "EN ", "", "", "ENx", "", "", ""]);
+    }
+
+    #[test]
+    fn a_multibyte_character_is_never_split_across_deltas() {
+        // "é" is C3 A9 and "😀" is F0 9F 98 80: each comes out whole on its last byte.
+        let params = SamplingParams {
+            max_tokens: 100,
+            ..SamplingParams::default()
+        };
+        let (deltas, _, _) = script(&bytes("é😀!"), params);
+        assert_eq!(deltas, ["", "é", "", "", "", "😀", "!"]);
+    }
+
+    #[test]
+    fn a_stop_token_ends_generation_and_adds_no_text() {
+        let params = SamplingParams {
+            max_tokens: 100,
+            stop_token_ids: vec![0],
+            stop: vec!["zzz".to_string()],
+            ..SamplingParams::default()
+        };
+        let (deltas, text, finished) = script(&[b'h' as u32, b'z' as u32, 0], params);
+        assert_eq!(finished, Some(FinishReason::Stop));
+        // The held-back "z" is released once nothing more can follow it.
+        assert_eq!(text, "hz");
+        assert_eq!(deltas, ["h", "", "z"]);
+    }
+
+    #[test]
+    fn max_tokens_ends_with_length() {
+        let params = SamplingParams {
+            max_tokens: 3,
+            ..SamplingParams::default()
+        };
+        let (_, text, finished) = script(&bytes("abcdef"), params);
+        assert_eq!(
+            (text.as_str(), finished),
+            ("abc", Some(FinishReason::Length))
+        );
+    }
+
+    #[test]
+    fn top_k_of_one_is_greedy_whatever_the_temperature() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        let params = SamplingParams {
+            temperature: 5.0,
+            top_k: Some(1),
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::seed(1);
+        assert!((0..50).all(|_| sample(&logits, &params, &mut rng) == 1));
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities 0.5, 0.3, 0.2 (logits are their logs): p = 0.75 keeps {0, 1}, since
+        // 0.5 < 0.75 <= 0.8; token 2 must never be drawn.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.75),
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::seed(9);
+        let draws: Vec<u32> = (0..2000)
+            .map(|_| sample(&logits, &params, &mut rng))
+            .collect();
+        assert!(!draws.contains(&2));
+        // Renormalised, token 0 has 0.5 / 0.8 = 0.625; 2000 draws put the share within
+        // ±0.04 (about 3.7 standard deviations).
+        let share = draws.iter().filter(|&&t| t == 0).count() as f64 / 2000.0;
+        assert!((share - 0.625).abs() < 0.04, "{share}");
+    }
+
+    #[test]
+    fn invalid_parameters_are_refused() {
+        for params in [
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: Some(0.0),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_k: Some(0),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                stop: vec![String::new()],
+                ..SamplingParams::default()
+            },
+        ] {
+            assert!(params.validate().is_err(), "{params:?}");
+        }
+    }
+}
