@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferrite", version, about = "Take a language model from raw text to a served, aligned model.")]
+#[command(
+    name = "ferrite",
+    version,
+    about = "Take a language model from raw text to a served, aligned model."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

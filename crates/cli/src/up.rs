@@ -92,7 +92,10 @@ async fn readiness(url: &str) -> anyhow::Result<serde_json::Value> {
     let response = reqwest::get(format!("{url}/readyz"))
         .await
         .with_context(|| format!("no Ferrite answers at {url}"))?;
-    response.json().await.context("`/readyz` did not answer JSON")
+    response
+        .json()
+        .await
+        .context("`/readyz` did not answer JSON")
 }
 
 fn print_report(url: &str, report: &serde_json::Value) {
@@ -100,11 +103,24 @@ fn print_report(url: &str, report: &serde_json::Value) {
     let checks = report["checks"].as_object().cloned().unwrap_or_default();
     for (name, outcome) in checks {
         let outcome = outcome.as_str().unwrap_or("?");
-        let label = name.strip_prefix("postgres:").map_or(name.clone(), |schema| {
-            if schema == "auth" { "auth (tokens)".to_owned() } else { schema.replace('_', "-") }
-        });
-        println!("{label:<22} {}", if outcome == "ok" { "ready" } else { outcome });
+        let label = name
+            .strip_prefix("postgres:")
+            .map_or(name.clone(), |schema| {
+                if schema == "auth" {
+                    "auth (tokens)".to_owned()
+                } else {
+                    schema.replace('_', "-")
+                }
+            });
+        println!(
+            "{label:<22} {}",
+            if outcome == "ok" { "ready" } else { outcome }
+        );
     }
-    println!("{:<22} {}", "overall", report["status"].as_str().unwrap_or("?"));
+    println!(
+        "{:<22} {}",
+        "overall",
+        report["status"].as_str().unwrap_or("?")
+    );
     println!("OpenAPI: {url}/openapi.json");
 }

@@ -54,7 +54,12 @@ pub struct Mounted {
 impl Mounted {
     /// A service with routes only.
     pub fn routes(routes: Routes, openapi: utoipa::openapi::OpenApi) -> Self {
-        Self { routes, openapi, consumers: Vec::new(), tasks: Vec::new() }
+        Self {
+            routes,
+            openapi,
+            consumers: Vec::new(),
+            tasks: Vec::new(),
+        }
     }
 }
 
@@ -96,7 +101,9 @@ impl Application {
         db::migrate(&auth_pool, db::AUTH_SCHEMA, None).await?;
         let auth = Auth::new(auth_pool.clone());
         if let Some(token) = &settings.auth.bootstrap_admin_token {
-            auth.ensure_admin(token).await.context("cannot register the bootstrap admin token")?;
+            auth.ensure_admin(token)
+                .await
+                .context("cannot register the bootstrap admin token")?;
         }
 
         let mut openapi = <http::OperationsApi as utoipa::OpenApi>::openapi();
@@ -121,6 +128,14 @@ impl Application {
                 .await
                 .with_context(|| format!("cannot start service {}", module.name()))?;
 
+            // Queues first: the relay may publish at once, and an event sent before its queue
+            // exists would be dropped as unroutable.
+            for consumer in &mounted.consumers {
+                broker
+                    .register_queue(&consumer.queue, &consumer.bindings)
+                    .await
+                    .with_context(|| format!("cannot declare queue {}", consumer.queue))?;
+            }
             background.push(amqp::spawn_outbox_relay(
                 pool.clone(),
                 broker.clone(),
@@ -148,9 +163,15 @@ impl Application {
             tracing::info!(service = name, "service mounted");
         }
 
-        let readiness = Readiness { pools, broker: broker.clone(), storage: storage.clone() };
-        let listener = TcpListener::bind((settings.http.host, settings.http.port))
-            .with_context(|| format!("cannot bind {}:{}", settings.http.host, settings.http.port))?;
+        let readiness = Readiness {
+            pools,
+            broker: broker.clone(),
+            storage: storage.clone(),
+        };
+        let listener =
+            TcpListener::bind((settings.http.host, settings.http.port)).with_context(|| {
+                format!("cannot bind {}:{}", settings.http.host, settings.http.port)
+            })?;
         let port = listener.local_addr()?.port();
         let state = SharedState {
             metrics,
@@ -180,7 +201,12 @@ impl Application {
         .run();
 
         tracing::info!(http.port = port, "listening");
-        Ok(Self { port, server, shutdown, background })
+        Ok(Self {
+            port,
+            server,
+            shutdown,
+            background,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -228,7 +254,9 @@ struct SharedState {
     json_limit_bytes: usize,
 }
 
-async fn not_found(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, crate::ApiError> {
+async fn not_found(
+    req: actix_web::HttpRequest,
+) -> Result<actix_web::HttpResponse, crate::ApiError> {
     Err(crate::ApiError::not_found("route", req.path()))
 }
 

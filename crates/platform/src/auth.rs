@@ -100,15 +100,20 @@ impl Auth {
         rand::rngs::OsRng.fill_bytes(&mut random);
         let token = format!("fer_{}", hex::encode(random));
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO api_tokens (id, name, role, token_sha256) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(name)
-            .bind(role.as_str())
-            .bind(digest(&token))
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, token_sha256) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(role.as_str())
+        .bind(digest(&token))
+        .execute(&self.pool)
+        .await?;
         tracing::info!(token.id = %id, token.role = role.as_str(), "token issued");
-        Ok(IssuedToken { id, token: Secret::new(token) })
+        Ok(IssuedToken {
+            id,
+            token: Secret::new(token),
+        })
     }
 
     /// Makes `token` a valid admin token, so a fresh install can issue the others.
@@ -134,7 +139,11 @@ impl Auth {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.and_then(|(token_id, name, role)| {
-            Role::parse(&role).map(|role| Principal { token_id, name, role })
+            Role::parse(&role).map(|role| Principal {
+                token_id,
+                name,
+                role,
+            })
         }))
     }
 
@@ -158,7 +167,12 @@ impl Auth {
         Ok(rows
             .into_iter()
             .filter_map(|(id, name, role, created_at)| {
-                Role::parse(&role).map(|role| TokenSummary { id, name, role, created_at })
+                Role::parse(&role).map(|role| TokenSummary {
+                    id,
+                    name,
+                    role,
+                    created_at,
+                })
             })
             .collect())
     }
@@ -180,7 +194,10 @@ impl FromRequest for Principal {
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let auth = req.app_data::<web::Data<Auth>>().cloned();
-        let header = req.headers().get(actix_web::http::header::AUTHORIZATION).cloned();
+        let header = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .cloned();
         Box::pin(async move {
             let auth = auth.ok_or_else(|| {
                 ApiError::internal(&std::io::Error::other("Auth is not registered as app data"))
@@ -237,8 +254,10 @@ async fn create_token(
     principal.require(&[Role::Admin])?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::invalid_request("invalid_value", "`name` must be 1-200 characters")
-            .with_param("name"));
+        return Err(
+            ApiError::invalid_request("invalid_value", "`name` must be 1-200 characters")
+                .with_param("name"),
+        );
     }
     let issued = auth.issue(name, body.role).await?;
     Ok(HttpResponse::Created().json(CreatedToken {
@@ -300,7 +319,11 @@ mod tests {
     use super::*;
 
     fn principal(role: Role) -> Principal {
-        Principal { token_id: Uuid::nil(), name: "t".into(), role }
+        Principal {
+            token_id: Uuid::nil(),
+            name: "t".into(),
+            role,
+        }
     }
 
     #[test]
@@ -310,7 +333,9 @@ mod tests {
 
     #[test]
     fn a_labeler_is_refused_an_engineer_route_with_403() {
-        let err = principal(Role::Labeler).require(&[Role::Engineer]).expect_err("refused");
+        let err = principal(Role::Labeler)
+            .require(&[Role::Engineer])
+            .expect_err("refused");
         assert_eq!(err.status(), actix_web::http::StatusCode::FORBIDDEN);
     }
 

@@ -34,21 +34,25 @@ pub enum DbError {
     #[error("cannot create schema `{schema}`: {source}")]
     CreateSchema { schema: String, source: sqlx::Error },
     #[error("migrations of schema `{schema}` failed: {source}")]
-    Migrate { schema: String, source: sqlx::migrate::MigrateError },
+    Migrate {
+        schema: String,
+        source: sqlx::migrate::MigrateError,
+    },
 }
 
 /// Options for a pool confined to `schema`.
-fn connect_options(
-    settings: &DatabaseSettings,
-    schema: &str,
-) -> Result<PgConnectOptions, DbError> {
+fn connect_options(settings: &DatabaseSettings, schema: &str) -> Result<PgConnectOptions, DbError> {
     validate_schema(schema)?;
-    let options: PgConnectOptions = settings
-        .url
-        .expose()
-        .as_str()
-        .parse()
-        .map_err(|source| DbError::Connect { schema: schema.to_owned(), source })?;
+    let options: PgConnectOptions =
+        settings
+            .url
+            .expose()
+            .as_str()
+            .parse()
+            .map_err(|source| DbError::Connect {
+                schema: schema.to_owned(),
+                source,
+            })?;
     Ok(options
         .options([("search_path", schema)])
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
@@ -77,9 +81,16 @@ pub async fn migrate(
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
         .execute(pool)
         .await
-        .map_err(|source| DbError::CreateSchema { schema: schema.to_owned(), source })?;
+        .map_err(|source| DbError::CreateSchema {
+            schema: schema.to_owned(),
+            source,
+        })?;
 
-    let platform = if schema == AUTH_SCHEMA { auth_migrator() } else { messaging_migrator() };
+    let platform = if schema == AUTH_SCHEMA {
+        auth_migrator()
+    } else {
+        messaging_migrator()
+    };
     for mut migrator in std::iter::once(platform).chain(service) {
         // Two migrators share one `_sqlx_migrations` table per schema; each must ignore the
         // other's rows. Their version ranges never overlap (platform < 100 <= services).
@@ -87,7 +98,10 @@ pub async fn migrate(
         migrator
             .run(pool)
             .await
-            .map_err(|source| DbError::Migrate { schema: schema.to_owned(), source })?;
+            .map_err(|source| DbError::Migrate {
+                schema: schema.to_owned(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -96,8 +110,14 @@ fn validate_schema(schema: &str) -> Result<(), DbError> {
     let valid = !schema.is_empty()
         && schema.len() <= 63
         && schema.starts_with(|c: char| c.is_ascii_lowercase())
-        && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if valid { Ok(()) } else { Err(DbError::InvalidSchema(schema.to_owned())) }
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(DbError::InvalidSchema(schema.to_owned()))
+    }
 }
 
 #[cfg(test)]

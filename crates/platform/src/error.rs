@@ -57,17 +57,32 @@ impl ApiError {
 
     /// 400: the request is malformed or a field is invalid.
     pub fn invalid_request(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     /// 401: no valid credentials.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            message,
+        )
     }
 
     /// 403: valid credentials without the needed role.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "permission_error", "insufficient_role", message)
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "insufficient_role",
+            message,
+        )
     }
 
     /// 404 for a named resource kind, e.g. `not_found("model", "gpt-x")`.
@@ -87,7 +102,12 @@ impl ApiError {
 
     /// 503: a dependency is down; the client may retry.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "unavailable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "unavailable",
+            message,
+        )
     }
 
     /// 500. The cause is logged with its whole chain; the client sees a generic sentence.
@@ -122,7 +142,9 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(ErrorEnvelope { error: self.body.clone() })
+        HttpResponse::build(self.status).json(ErrorEnvelope {
+            error: self.body.clone(),
+        })
     }
 }
 
@@ -149,30 +171,34 @@ impl fmt::Display for ErrorChain<'_> {
 
 /// JSON extractor settings that turn malformed bodies into the standard 400.
 pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
-    actix_web::web::JsonConfig::default().limit(limit_bytes).error_handler(|err, _req| {
-        use actix_web::error::JsonPayloadError;
-        let api = match &err {
-            JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "body_too_large",
-                format!("the body is {length} bytes; the limit is {limit}"),
-            ),
-            JsonPayloadError::Overflow { limit } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "body_too_large",
-                format!("the body exceeds the limit of {limit} bytes"),
-            ),
-            JsonPayloadError::ContentType => ApiError::invalid_request(
-                "invalid_content_type",
-                "the body must be JSON with `Content-Type: application/json`",
-            ),
-            JsonPayloadError::Deserialize(e) => body_error(e),
-            other => ApiError::invalid_request("invalid_json", format!("invalid body: {other}")),
-        };
-        api.into()
-    })
+    actix_web::web::JsonConfig::default()
+        .limit(limit_bytes)
+        .error_handler(|err, _req| {
+            use actix_web::error::JsonPayloadError;
+            let api = match &err {
+                JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    "body_too_large",
+                    format!("the body is {length} bytes; the limit is {limit}"),
+                ),
+                JsonPayloadError::Overflow { limit } => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    "body_too_large",
+                    format!("the body exceeds the limit of {limit} bytes"),
+                ),
+                JsonPayloadError::ContentType => ApiError::invalid_request(
+                    "invalid_content_type",
+                    "the body must be JSON with `Content-Type: application/json`",
+                ),
+                JsonPayloadError::Deserialize(e) => body_error(e),
+                other => {
+                    ApiError::invalid_request("invalid_json", format!("invalid body: {other}"))
+                }
+            };
+            api.into()
+        })
 }
 
 /// Names the field when serde says which one is wrong, so clients can point at it.
@@ -181,7 +207,11 @@ fn body_error(e: &serde_json::Error) -> ApiError {
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => ApiError::invalid_request(
             "invalid_json",
-            format!("the body is not valid JSON (line {}, column {})", e.line(), e.column()),
+            format!(
+                "the body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
         ),
         Category::Data => {
             let message = e.to_string();
@@ -209,8 +239,10 @@ mod tests {
     #[test]
     fn the_body_has_the_openai_shape() {
         let error = ApiError::invalid_request("invalid_value", "bad").with_param("max_tokens");
-        let json = serde_json::to_value(ErrorEnvelope { error: error.body().clone() })
-            .expect("serialises");
+        let json = serde_json::to_value(ErrorEnvelope {
+            error: error.body().clone(),
+        })
+        .expect("serialises");
         assert_eq!(
             json,
             serde_json::json!({"error": {

@@ -47,7 +47,10 @@ impl Readiness {
         checks.insert("rabbitmq".into(), outcome(broker));
         checks.insert("object_storage".into(), outcome(self.storage.check().await));
         let ready = checks.values().all(|v| v == "ok");
-        ReadinessReport { status: if ready { "ready" } else { "unready" }, checks }
+        ReadinessReport {
+            status: if ready { "ready" } else { "unready" },
+            checks,
+        }
     }
 }
 
@@ -79,7 +82,9 @@ async fn readyz(readiness: web::Data<Readiness>) -> HttpResponse {
 /// Metrics in the Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200)))]
 async fn metrics(metrics: web::Data<Metrics>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics.render())
 }
 
 /// The OpenAPI document of the routes this process serves.
@@ -105,7 +110,9 @@ pub async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let method = req.method().to_string();
     // The route pattern, not the path, keeps metric labels bounded.
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
     let remote: Vec<(String, String)> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|name| {

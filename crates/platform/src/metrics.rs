@@ -15,7 +15,10 @@ impl Metrics {
         let registry = Registry::new_custom(Some("ferrite".into()), None)
             .expect("a constant prefix is a valid metric name");
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route pattern and status."),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route pattern and status.",
+            ),
             &["method", "route", "status"],
         )
         .expect("constant metric definition is valid");
@@ -25,7 +28,11 @@ impl Metrics {
             &["method", "route"],
         )
         .expect("constant metric definition is valid");
-        let metrics = Self { registry, http_requests, http_duration };
+        let metrics = Self {
+            registry,
+            http_requests,
+            http_duration,
+        };
         metrics.register(Box::new(metrics.http_requests.clone()));
         metrics.register(Box::new(metrics.http_duration.clone()));
         metrics
@@ -39,8 +46,12 @@ impl Metrics {
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        self.http_requests.with_label_values(&[method, route, &status.to_string()]).inc();
-        self.http_duration.with_label_values(&[method, route]).observe(seconds);
+        self.http_requests
+            .with_label_values(&[method, route, &status.to_string()])
+            .inc();
+        self.http_duration
+            .with_label_values(&[method, route])
+            .observe(seconds);
     }
 
     /// The text exposition format Prometheus scrapes.

@@ -157,10 +157,15 @@ type RawSettings = BTreeMap<String, String>;
 impl Settings {
     /// Loads settings from defaults, then `file` (YAML, nested or flat keys), then every
     /// `FERRITE_*` entry of `env`.
-    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Self, SettingsError> {
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, SettingsError> {
         let mut problems = Vec::new();
-        let mut raw: RawSettings =
-            DEFAULTS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut raw: RawSettings = DEFAULTS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
 
         if let Some(path) = file {
             match read_file(path) {
@@ -187,12 +192,17 @@ impl Settings {
             }
         }
 
-        let mut parser = Parser { raw: &raw, problems };
+        let mut parser = Parser {
+            raw: &raw,
+            problems,
+        };
         let settings = parser.settings();
         if parser.problems.is_empty() {
             Ok(settings)
         } else {
-            Err(SettingsError { problems: parser.problems })
+            Err(SettingsError {
+                problems: parser.problems,
+            })
         }
     }
 
@@ -222,7 +232,11 @@ fn flatten(value: &serde_yaml::Value, prefix: String, out: &mut RawSettings) -> 
         Value::Mapping(map) => {
             for (key, child) in map {
                 let key = key.as_str().ok_or("setting names must be strings")?;
-                let key = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}_{key}") };
+                let key = if prefix.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{prefix}_{key}")
+                };
                 flatten(child, key, out)?;
             }
         }
@@ -281,7 +295,8 @@ impl Parser<'_> {
         };
         if store.multipart_part_bytes < 5 * 1024 * 1024 {
             // S3 refuses parts under 5 MiB (all but the last).
-            self.problems.push("FERRITE_MULTIPART_PART_BYTES: must be at least 5242880".into());
+            self.problems
+                .push("FERRITE_MULTIPART_PART_BYTES: must be at least 5242880".into());
         }
         let telemetry = TelemetrySettings {
             otlp_endpoint: self.optional_url("otlp_endpoint", &["http", "https"]),
@@ -289,8 +304,9 @@ impl Parser<'_> {
                 "json" => LogFormat::Json,
                 "pretty" => LogFormat::Pretty,
                 other => {
-                    self.problems
-                        .push(format!("FERRITE_LOG_FORMAT: `{other}` is not `json` or `pretty`"));
+                    self.problems.push(format!(
+                        "FERRITE_LOG_FORMAT: `{other}` is not `json` or `pretty`"
+                    ));
                     LogFormat::Json
                 }
             },
@@ -304,7 +320,15 @@ impl Parser<'_> {
             concurrency: self.parse("worker_concurrency"),
             lease: Duration::from_secs(self.parse("worker_lease_seconds")),
         };
-        Settings { http, database, amqp, store, telemetry, auth, worker }
+        Settings {
+            http,
+            database,
+            amqp,
+            store,
+            telemetry,
+            auth,
+            worker,
+        }
     }
 
     fn text(&self, key: &str) -> String {
@@ -322,7 +346,8 @@ impl Parser<'_> {
     {
         let value = self.text(key);
         value.trim().parse().unwrap_or_else(|e| {
-            self.problems.push(format!("{}: `{value}` is invalid: {e}", env_name(key)));
+            self.problems
+                .push(format!("{}: `{value}` is invalid: {e}", env_name(key)));
             T::default()
         })
     }
@@ -334,7 +359,8 @@ impl Parser<'_> {
             return url;
         }
         if self.optional_text(key).is_none() {
-            self.problems.push(format!("{}: is required", env_name(key)));
+            self.problems
+                .push(format!("{}: is required", env_name(key)));
         }
         Url::parse("invalid:placeholder").expect("a constant URL parses")
     }
@@ -354,7 +380,8 @@ impl Parser<'_> {
             }
             // The value may hold a password, so it is not echoed.
             Err(e) => {
-                self.problems.push(format!("{}: not a valid URL: {e}", env_name(key)));
+                self.problems
+                    .push(format!("{}: not a valid URL: {e}", env_name(key)));
                 None
             }
         }
@@ -365,11 +392,16 @@ impl Parser<'_> {
         if let Some(rest) = value.strip_prefix("s3://") {
             let bucket = rest.trim_end_matches('/');
             if bucket.is_empty() || bucket.contains('/') {
-                self.problems.push(format!("FERRITE_STORE: `{value}` must be `s3://<bucket>`"));
+                self.problems
+                    .push(format!("FERRITE_STORE: `{value}` must be `s3://<bucket>`"));
             }
-            StoreLocation::S3 { bucket: bucket.to_owned() }
+            StoreLocation::S3 {
+                bucket: bucket.to_owned(),
+            }
         } else if value.contains("://") {
-            self.problems.push(format!("FERRITE_STORE: `{value}` is neither a path nor s3://"));
+            self.problems.push(format!(
+                "FERRITE_STORE: `{value}` is neither a path nor s3://"
+            ));
             StoreLocation::Local(PathBuf::new())
         } else if value.trim().is_empty() {
             self.problems.push("FERRITE_STORE: is required".into());
@@ -406,14 +438,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
     fn defaults_load_without_any_environment() {
         let settings = Settings::load(None, &BTreeMap::new()).expect("defaults are valid");
         assert_eq!(settings.http.port, 8080);
-        assert_eq!(settings.store.location, StoreLocation::Local("./.ferrite/store".into()));
+        assert_eq!(
+            settings.store.location,
+            StoreLocation::Local("./.ferrite/store".into())
+        );
         assert!(settings.telemetry.otlp_endpoint.is_none());
     }
 
@@ -425,7 +463,12 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(settings.http.port, 0);
-        assert_eq!(settings.store.location, StoreLocation::S3 { bucket: "models".into() });
+        assert_eq!(
+            settings.store.location,
+            StoreLocation::S3 {
+                bucket: "models".into()
+            }
+        );
     }
 
     #[test]
@@ -464,7 +507,10 @@ mod tests {
 
         std::fs::write(&path, "htp:\n  port: 9000\n").expect("write");
         let err = Settings::load(Some(&path), &BTreeMap::new()).expect_err("typo");
-        assert!(err.to_string().contains("unknown setting `htp_port`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown setting `htp_port`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct ObjectKey(String);
 impl ObjectKey {
     pub fn parse(key: &str) -> Result<Self, StorageError> {
         let refuse = |reason: &str| {
-            Err(StorageError::InvalidKey { key: key.to_owned(), reason: reason.to_owned() })
+            Err(StorageError::InvalidKey {
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            })
         };
         if key.is_empty() {
             return refuse("it is empty");
@@ -82,7 +85,10 @@ pub enum StorageError {
     #[error("cannot configure object storage: {0}")]
     Config(String),
     #[error("object storage failed on `{key}`: {source}")]
-    Store { key: String, source: object_store::Error },
+    Store {
+        key: String,
+        source: object_store::Error,
+    },
     #[error("the upload of `{key}` failed while reading its body: {source}")]
     Body { key: String, source: std::io::Error },
 }
@@ -91,7 +97,10 @@ impl StorageError {
     fn store(key: &ObjectKey, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => Self::NotFound(key.to_string()),
-            source => Self::Store { key: key.to_string(), source },
+            source => Self::Store {
+                key: key.to_string(),
+                source,
+            },
         }
     }
 }
@@ -113,7 +122,9 @@ pub struct Storage {
 
 impl fmt::Debug for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Storage").field("store", &self.description).finish()
+        f.debug_struct("Storage")
+            .field("store", &self.description)
+            .finish()
     }
 }
 
@@ -140,17 +151,24 @@ impl Storage {
                         .with_allow_http(endpoint.scheme() == "http")
                         .with_virtual_hosted_style_request(false);
                 }
-                if let (Some(key), Some(secret)) = (&settings.s3_access_key, &settings.s3_secret_key)
+                if let (Some(key), Some(secret)) =
+                    (&settings.s3_access_key, &settings.s3_secret_key)
                 {
                     builder = builder
                         .with_access_key_id(key.expose())
                         .with_secret_access_key(secret.expose());
                 }
-                let store = builder.build().map_err(|e| StorageError::Config(e.to_string()))?;
+                let store = builder
+                    .build()
+                    .map_err(|e| StorageError::Config(e.to_string()))?;
                 (Arc::new(store), format!("s3://{bucket}"))
             }
         };
-        Ok(Self { store, part_bytes: settings.multipart_part_bytes, description })
+        Ok(Self {
+            store,
+            part_bytes: settings.multipart_part_bytes,
+            description,
+        })
     }
 
     /// A store kept in memory, for unit tests of code that only needs some store.
@@ -165,7 +183,10 @@ impl Storage {
     #[tracing::instrument(skip_all, fields(object.key = %key, object.size_bytes = bytes.len()))]
     pub async fn put(&self, key: &ObjectKey, bytes: Bytes) -> Result<(), StorageError> {
         if bytes.len() > self.part_bytes {
-            return self.put_stream(key, futures::stream::once(async { Ok(bytes) })).await.map(|_| ());
+            return self
+                .put_stream(key, futures::stream::once(async { Ok(bytes) }))
+                .await
+                .map(|_| ());
         }
         self.store
             .put(&key.path(), PutPayload::from(bytes))
@@ -181,8 +202,11 @@ impl Storage {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>>,
     {
-        let upload =
-            self.store.put_multipart(&key.path()).await.map_err(|e| StorageError::store(key, e))?;
+        let upload = self
+            .store
+            .put_multipart(&key.path())
+            .await
+            .map_err(|e| StorageError::store(key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_bytes);
         let mut written = 0u64;
         let mut body = std::pin::pin!(body);
@@ -191,7 +215,10 @@ impl Storage {
                 Ok(chunk) => chunk,
                 Err(source) => {
                     abort(key, writer).await;
-                    return Err(StorageError::Body { key: key.to_string(), source });
+                    return Err(StorageError::Body {
+                        key: key.to_string(),
+                        source,
+                    });
                 }
             };
             // Bounds the parts in flight, so a fast reader cannot fill memory.
@@ -202,15 +229,25 @@ impl Storage {
             written += chunk.len() as u64;
             writer.put(chunk);
         }
-        writer.finish().await.map_err(|e| StorageError::store(key, e))?;
+        writer
+            .finish()
+            .await
+            .map_err(|e| StorageError::store(key, e))?;
         tracing::debug!(object.size_bytes = written, "uploaded in parts");
         Ok(written)
     }
 
     #[tracing::instrument(skip_all, fields(object.key = %key))]
     pub async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
-        let result = self.store.get(&key.path()).await.map_err(|e| StorageError::store(key, e))?;
-        result.bytes().await.map_err(|e| StorageError::store(key, e))
+        let result = self
+            .store
+            .get(&key.path())
+            .await
+            .map_err(|e| StorageError::store(key, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| StorageError::store(key, e))
     }
 
     /// The object as a stream of chunks, for downloads that should not sit in memory.
@@ -218,9 +255,15 @@ impl Storage {
         &self,
         key: &ObjectKey,
     ) -> Result<impl Stream<Item = Result<Bytes, StorageError>> + use<>, StorageError> {
-        let result = self.store.get(&key.path()).await.map_err(|e| StorageError::store(key, e))?;
+        let result = self
+            .store
+            .get(&key.path())
+            .await
+            .map_err(|e| StorageError::store(key, e))?;
         let key = key.clone();
-        Ok(result.into_stream().map_err(move |e| StorageError::store(&key, e)))
+        Ok(result
+            .into_stream()
+            .map_err(move |e| StorageError::store(&key, e)))
     }
 
     pub async fn exists(&self, key: &ObjectKey) -> Result<bool, StorageError> {
@@ -236,7 +279,10 @@ impl Storage {
         let mut objects: Vec<ObjectInfo> = self
             .store
             .list(Some(&prefix.path()))
-            .map_ok(|meta| ObjectInfo { key: meta.location.to_string(), size_bytes: meta.size })
+            .map_ok(|meta| ObjectInfo {
+                key: meta.location.to_string(),
+                size_bytes: meta.size,
+            })
             .try_collect()
             .await
             .map_err(|e| StorageError::store(prefix, e))?;
@@ -272,7 +318,17 @@ mod tests {
 
     #[test]
     fn keys_that_could_escape_the_root_are_refused() {
-        for bad in ["", "/etc/passwd", "a/../b", "..", "a//b", "a/", "./a", "a\\b", "a\nb"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\b",
+            "a\nb",
+        ] {
             assert!(ObjectKey::parse(bad).is_err(), "{bad:?} must be refused");
         }
         let long = "k".repeat(MAX_KEY_BYTES + 1);
@@ -282,7 +338,10 @@ mod tests {
     #[test]
     fn ordinary_keys_are_accepted_and_joined() {
         let key = ObjectKey::parse("datasets/ab12").expect("valid");
-        assert_eq!(key.join("data.jsonl").expect("valid").as_str(), "datasets/ab12/data.jsonl");
+        assert_eq!(
+            key.join("data.jsonl").expect("valid").as_str(),
+            "datasets/ab12/data.jsonl"
+        );
         assert!(key.join("../x").is_err());
     }
 

@@ -34,9 +34,15 @@ impl Drop for TelemetryGuard {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("invalid log filter `{filter}`: {source}")]
-    Filter { filter: String, source: tracing_subscriber::filter::ParseError },
+    Filter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
     #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
-    Exporter { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
+    Exporter {
+        endpoint: String,
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
 }
@@ -49,7 +55,10 @@ pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryErr
             .with_tonic()
             .with_endpoint(endpoint.as_str())
             .build()
-            .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.to_string(), source })?;
+            .map_err(|source| TelemetryError::Exporter {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
         builder = builder.with_batch_exporter(exporter);
     }
     init_with_provider(settings, builder.build())
@@ -60,9 +69,11 @@ pub fn init_with_provider(
     settings: &TelemetrySettings,
     provider: SdkTracerProvider,
 ) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&settings.log_filter).map_err(|source| {
-        TelemetryError::Filter { filter: settings.log_filter.clone(), source }
-    })?;
+    let filter =
+        EnvFilter::try_new(&settings.log_filter).map_err(|source| TelemetryError::Filter {
+            filter: settings.log_filter.clone(),
+            source,
+        })?;
     let logs = match settings.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -83,7 +94,9 @@ pub fn init_with_provider(
 }
 
 fn resource(service_name: &str) -> opentelemetry_sdk::Resource {
-    opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build()
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name.to_owned())
+        .build()
 }
 
 /// The W3C trace context (`traceparent`, and `tracestate` when present) of the current span.
@@ -98,8 +111,10 @@ pub fn inject_context() -> Vec<(String, String)> {
 
 /// The remote context named by W3C headers; an empty context when they are absent or invalid.
 pub fn extract_context(headers: &[(String, String)]) -> opentelemetry::Context {
-    let carrier: HashMap<String, String> =
-        headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    let carrier: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
     TraceContextPropagator::new().extract(&carrier)
 }
 
@@ -125,7 +140,10 @@ mod tests {
         let context = extract_context(&[("traceparent".into(), header.into())]);
         let span = context.span();
         let ids = span.span_context();
-        assert_eq!(ids.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            ids.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(ids.span_id().to_string(), "00f067aa0ba902b7");
         assert!(ids.is_remote());
     }

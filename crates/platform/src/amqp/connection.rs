@@ -37,6 +37,11 @@ struct Shared {
     connection: watch::Sender<Option<Arc<Connection>>>,
     /// The channel publishers share, in confirm mode; opened lazily on the live connection.
     publisher: Mutex<Option<Channel>>,
+    /// Consumer queues and their bindings, declared on every (re)connect before the connection
+    /// is handed out, so no publisher can send an event before its queues exist. The lock is
+    /// held across "declare, then publish the connection" and across registration, so a queue
+    /// registered mid-connect is never missed.
+    queues: Mutex<Vec<(String, Vec<String>)>>,
     closed: CancellationToken,
 }
 
@@ -57,6 +62,7 @@ impl Broker {
             settings,
             connection: watch::Sender::new(None),
             publisher: Mutex::new(None),
+            queues: Mutex::new(Vec::new()),
             // A child, so that `close` stops this broker without cancelling the caller's token.
             closed: shutdown.child_token(),
         });
@@ -87,6 +93,26 @@ impl Broker {
             Ok(Some(_)) => Ok(()),
             Ok(None) | Err(_) => Err(AmqpError::NotConnected),
         }
+    }
+
+    /// Declares `queue` (with its dead-letter queue and `bindings`) now if connected, and again
+    /// on every reconnect before publishers may send. Register every consumer's queue before
+    /// events for it are published, or the broker drops them as unroutable.
+    pub async fn register_queue(&self, queue: &str, bindings: &[String]) -> Result<(), AmqpError> {
+        let mut queues = self.shared.queues.lock().await;
+        if let Some(connection) = self.current_connection() {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(AmqpError::Channel)?;
+            let declared =
+                topology::declare_queue(&channel, self.settings(), queue, bindings).await;
+            // A failed declaration closes the channel on the broker's side already.
+            let _ = channel.close(200, "queue declared").await;
+            declared?;
+        }
+        queues.push((queue.to_owned(), bindings.to_vec()));
+        Ok(())
     }
 
     /// Closes the connection and stops reconnecting. Other clones become unusable.
@@ -155,12 +181,20 @@ async fn supervise(shared: Arc<Shared>) {
             _ = shared.closed.cancelled() => break,
             attempt = connect(&shared.settings) => attempt,
         };
+        let queues = shared.queues.lock().await;
+        let attempt = match attempt {
+            Ok((connection, lost)) => declare_queues(&connection, &shared.settings, &queues)
+                .await
+                .map(|()| (connection, lost)),
+            Err(error) => Err(error),
+        };
         match attempt {
             Ok((connection, mut lost)) => {
                 info!(failed_attempts, "connected to RabbitMQ");
                 failed_attempts = 0;
                 let connection = Arc::new(connection);
                 shared.connection.send_replace(Some(connection.clone()));
+                drop(queues);
 
                 let reason = wait_until_lost(&connection, &mut lost, &shared.closed).await;
                 shared.connection.send_replace(None);
@@ -176,6 +210,7 @@ async fn supervise(shared: Arc<Shared>) {
                 }
             }
             Err(error) => {
+                drop(queues);
                 // One warning per outage, not one per attempt.
                 if failed_attempts == 0 {
                     warn!(
@@ -230,6 +265,26 @@ async fn connect(
     // The declaring channel is not needed any more; a failure to close it changes nothing.
     let _ = channel.close(200, "topology declared").await;
     Ok((connection, lost))
+}
+
+/// Declares every registered consumer queue on a fresh connection.
+async fn declare_queues(
+    connection: &Connection,
+    settings: &AmqpSettings,
+    queues: &[(String, Vec<String>)],
+) -> Result<(), AmqpError> {
+    if queues.is_empty() {
+        return Ok(());
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(AmqpError::Channel)?;
+    for (queue, bindings) in queues {
+        topology::declare_queue(&channel, settings, queue, bindings).await?;
+    }
+    let _ = channel.close(200, "queues declared").await;
+    Ok(())
 }
 
 /// Returns why the connection broke, or `None` if the broker was closed on purpose first.

@@ -362,3 +362,6 @@ fn free_port() -> u16 {
         .expect("a bound socket has an address")
         .port()
 }
+
+pub mod app;
+pub mod s3;
