@@ -101,6 +101,8 @@ pub enum GgufErrorKind {
     },
     #[error("architecture {0:?} is not supported (only llama)")]
     UnsupportedArchitecture(String),
+    #[error("{0} rope scaling is not supported")]
+    UnsupportedRopeScaling(String),
     #[error("tensor {0} has no Hugging Face counterpart known to this importer")]
     UnmappedTensor(String),
     #[error("tokenizer: {0}")]
@@ -1126,6 +1128,18 @@ impl GgufFile {
                 .map(<[MetadataValue]>::len)
                 .ok_or_else(|| fail(GgufErrorKind::MissingKey("llama.vocab_size".into())))?,
         };
+
+        // TODO: rotary scaling (linear, YaRN, Llama 3's frequency table) is not carried into
+        // the config, so such models are refused rather than imported with wrong positions.
+        match self
+            .get("llama.rope.scaling.type")
+            .and_then(MetadataValue::as_str)
+        {
+            None | Some("none") => {}
+            Some(kind) => {
+                return Err(fail(GgufErrorKind::UnsupportedRopeScaling(kind.into())));
+            }
+        }
 
         let float = |key: &str, default: Option<f64>| -> Result<f64, GgufError> {
             match (self.get(key), default) {

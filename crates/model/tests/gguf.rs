@@ -754,6 +754,20 @@ fn other_architectures_are_refused() {
 }
 
 #[test]
+fn rope_scaling_is_refused_rather_than_dropped() {
+    let bytes = tiny_llama(true)
+        .meta("llama.rope.scaling.type", string("linear"))
+        .build();
+    let error = parse(bytes)
+        .and_then(|f| f.import())
+        .expect_err("scaled rope");
+    assert!(
+        matches!(error.kind(), GgufErrorKind::UnsupportedRopeScaling(kind) if kind == "linear"),
+        "{error}"
+    );
+}
+
+#[test]
 fn unpermuting_checks_that_q_rows_match_the_head_count() {
     // A q projection with one head's rows too few cannot be un-permuted.
     assert!(unpermute_rotary_rows(&[0.0; 3 * 8], 2, 8).is_err());
