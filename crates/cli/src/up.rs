@@ -99,7 +99,7 @@ async fn readiness(url: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 fn print_report(url: &str, report: &serde_json::Value) {
-    println!("{:<22} {}", "component", "status");
+    println!("{:<22} status", "component");
     let checks = report["checks"].as_object().cloned().unwrap_or_default();
     for (name, outcome) in checks {
         let outcome = outcome.as_str().unwrap_or("?");

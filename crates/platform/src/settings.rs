@@ -171,10 +171,10 @@ impl Settings {
             match read_file(path) {
                 Ok(values) => {
                     for (key, value) in values {
-                        if raw.contains_key(&key) {
-                            raw.insert(key, value);
-                        } else {
-                            problems.push(format!("{}: unknown setting `{key}`", path.display()));
+                        match raw.get_mut(&key) {
+                            Some(slot) => *slot = value,
+                            None => problems
+                                .push(format!("{}: unknown setting `{key}`", path.display())),
                         }
                     }
                 }
@@ -184,11 +184,10 @@ impl Settings {
 
         // Unknown FERRITE_ variables are left alone: scripts and tools share the prefix.
         for (name, value) in env {
-            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
-                let key = key.to_ascii_lowercase();
-                if raw.contains_key(&key) {
-                    raw.insert(key, value.clone());
-                }
+            if let Some(key) = name.strip_prefix(ENV_PREFIX)
+                && let Some(slot) = raw.get_mut(&key.to_ascii_lowercase())
+            {
+                slot.clone_from(value);
             }
         }
 

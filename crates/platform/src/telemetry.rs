@@ -123,8 +123,8 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &[(String, String)]) {
     use opentelemetry::trace::TraceContextExt;
     let context = extract_context(headers);
     if context.span().span_context().is_valid() {
-        // Fails only when no OpenTelemetry layer is installed, where there is nothing to link.
-        let _ = span.set_parent(context);
+        // Without an OpenTelemetry layer installed there is nothing to link, and this is a no-op.
+        span.set_parent(context);
     }
 }
 
