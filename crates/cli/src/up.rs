@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ferrite_platform::{Application, ServiceModule, telemetry};
+use ferrite_platform::ServiceModule;
 
 /// Every service, in the order a pipeline meets them.
 pub fn all_services() -> Vec<Box<dyn ServiceModule>> {
@@ -20,40 +20,17 @@ pub fn all_services() -> Vec<Box<dyn ServiceModule>> {
 }
 
 pub async fn run() -> ExitCode {
-    let settings = match ferrite_platform::launch::load_settings("up") {
-        Ok(settings) => settings,
-        Err(code) => return code,
-    };
-    let _telemetry = match telemetry::init(&settings.telemetry) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("ferrite up: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let host = settings.http.host;
-    let application = match Application::build(settings, all_services()).await {
-        Ok(application) => application,
-        Err(e) => {
-            eprintln!("ferrite up: cannot start: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let url = format!("http://{host}:{}", application.port());
-    let stop = application.shutdown_token();
-    tokio::spawn(async move {
-        if let Err(e) = wait_until_ready(&url, Duration::from_secs(60)).await {
-            eprintln!("ferrite up: {e:#}");
-            stop.cancel();
-        }
-    });
-    match application.run_until_stopped().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ferrite up: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ferrite_platform::launch::serve_with("up", all_services(), |application| {
+        let url = format!("http://{}", application.local_addr());
+        let stop = application.shutdown_token();
+        tokio::spawn(async move {
+            if let Err(e) = wait_until_ready(&url, Duration::from_secs(60)).await {
+                eprintln!("ferrite up: {e:#}");
+                stop.cancel();
+            }
+        });
+    })
+    .await
 }
 
 /// Polls `/readyz` until every dependency answers, then prints the status table.

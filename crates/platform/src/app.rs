@@ -78,7 +78,7 @@ pub trait ServiceModule: Send + Sync {
 
 /// A running HTTP server with its services' background work.
 pub struct Application {
-    port: u16,
+    address: std::net::SocketAddr,
     server: actix_web::dev::Server,
     shutdown: CancellationToken,
     background: Vec<JoinHandle<()>>,
@@ -172,7 +172,7 @@ impl Application {
             TcpListener::bind((settings.http.host, settings.http.port)).with_context(|| {
                 format!("cannot bind {}:{}", settings.http.host, settings.http.port)
             })?;
-        let port = listener.local_addr()?.port();
+        let address = listener.local_addr()?;
         let state = SharedState {
             metrics,
             auth,
@@ -200,9 +200,9 @@ impl Application {
         .listen(listener)?
         .run();
 
-        tracing::info!(http.port = port, "listening");
+        tracing::info!(http.address = %address, "listening");
         Ok(Self {
-            port,
+            address,
             server,
             shutdown,
             background,
@@ -210,7 +210,12 @@ impl Application {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.address.port()
+    }
+
+    /// The bound address, with the real port when port 0 was asked for.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.address
     }
 
     /// Cancelling this token shuts the application down, as SIGTERM does.

@@ -12,6 +12,15 @@ const EXIT_BAD_SETTINGS: u8 = 2;
 
 /// Loads settings from the environment, then builds and runs `modules` until a signal.
 pub async fn serve(process: &str, modules: Vec<Box<dyn ServiceModule>>) -> ExitCode {
+    serve_with(process, modules, |_| {}).await
+}
+
+/// As [`serve`], calling `started` once the application is built and bound, before serving.
+pub async fn serve_with(
+    process: &str,
+    modules: Vec<Box<dyn ServiceModule>>,
+    started: impl FnOnce(&Application),
+) -> ExitCode {
     let settings = match load_settings(process) {
         Ok(settings) => settings,
         Err(code) => return code,
@@ -27,9 +36,11 @@ pub async fn serve(process: &str, modules: Vec<Box<dyn ServiceModule>>) -> ExitC
         Ok(application) => application,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "start-up failed");
+            eprintln!("{process}: cannot start: {e:#}");
             return ExitCode::FAILURE;
         }
     };
+    started(&application);
     match application.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -49,9 +49,7 @@ async fn migrations_apply_on_an_empty_database_and_are_a_no_op_the_second_time()
     let again = spawn_app_on(app.database, env).await;
     assert_eq!(applied_migrations(&pool, "probe").await, probe);
     assert_eq!(applied_migrations(&pool, "auth").await, auth);
-    again.shutdown.cancel();
-    again.stopped.await.expect("joins").expect("stops cleanly");
-    again.database.drop().await;
+    again.stop().await;
 }
 
 async fn readiness(app: &common::app::TestApp) -> (StatusCode, Value) {
@@ -93,9 +91,7 @@ async fn readyz_turns_unready_when_rabbitmq_stops_and_ready_again_when_it_return
     })
     .await;
 
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -182,9 +178,7 @@ async fn missing_or_wrong_tokens_get_401_and_a_labeler_on_an_admin_route_gets_40
         .await;
     assert_eq!(after.expect("answers").status(), StatusCode::UNAUTHORIZED);
 
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -235,9 +229,7 @@ async fn errors_have_the_openai_shape_and_name_the_field() {
         .expect("answers");
     assert_eq!(health.status(), StatusCode::OK);
 
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -278,9 +270,7 @@ async fn an_event_emitted_over_http_is_consumed_once() {
     assert_eq!(delivered, 1);
 
     pool.close().await;
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -324,9 +314,7 @@ async fn operations_routes_answer_and_metrics_count_requests() {
         "{text}"
     );
 
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -97,7 +97,5 @@ async fn a_traceparent_sent_over_http_is_the_ancestor_of_the_consumers_span() {
         "the chain ends at the caller"
     );
 
-    app.shutdown.cancel();
-    app.stopped.await.expect("joins").expect("stops cleanly");
-    app.database.drop().await;
+    app.stop().await;
 }

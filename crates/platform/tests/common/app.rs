@@ -45,6 +45,13 @@ impl TestApp {
         .expect("connect to the probe schema")
     }
 
+    /// Shuts the application down, checks it stopped cleanly, and drops its database.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.stopped.await.expect("joins").expect("stops cleanly");
+        self.database.drop().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
