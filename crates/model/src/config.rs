@@ -290,7 +290,11 @@ impl ModelConfig {
                 self.head_dim()
             ));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        if self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+            || self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+        {
             return invalid(format!(
                 "rope_theta ({}) and rms_norm_eps ({}) must be positive",
                 self.rope_theta, self.rms_norm_eps

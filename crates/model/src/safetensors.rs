@@ -132,7 +132,7 @@ pub fn save(
 
     let mut header_bytes = Value::Object(header).to_string().into_bytes();
     // Padding the header to 8 bytes keeps the data aligned for readers that map it directly.
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let mut file = Vec::with_capacity(8 + header_bytes.len() + offset);

@@ -114,7 +114,8 @@ impl PretrainConfig {
                 "batch_size, sequence_length and gradient_accumulation must be positive",
             );
         }
-        if !(self.peak_lr > 0.0) || !(self.min_lr >= 0.0) || self.min_lr > self.peak_lr {
+        let ordered = self.min_lr >= 0.0 && self.peak_lr > 0.0 && self.min_lr <= self.peak_lr;
+        if !ordered {
             return invalid("need 0 <= min_lr <= peak_lr and peak_lr > 0");
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
@@ -404,7 +405,7 @@ impl Pretrainer {
             let metrics = self.train_step();
             on_metrics(&Metrics::Train(metrics));
             let interval = self.config.eval_interval;
-            let due = interval > 0 && self.step % interval == 0;
+            let due = interval > 0 && self.step.is_multiple_of(interval);
             if due || self.step == self.config.total_steps {
                 on_metrics(&Metrics::Eval(self.evaluate()));
             }
