@@ -233,6 +233,9 @@ pub fn from_tensors(
 }
 
 /// Reads a Hugging Face Llama folder onto `device`, weights in f32.
+// TODO: sharded weights (`model.safetensors.index.json`) are not read, so models past one
+// file fail with a missing-file error; the file is read whole rather than memory-mapped, so
+// loading briefly holds the weights twice.
 pub fn load(dir: &Path, device: Device) -> Result<Checkpoint, CheckpointError> {
     let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
     let weights_path = dir.join(WEIGHTS_FILE);

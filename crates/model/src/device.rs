@@ -68,6 +68,8 @@ fn open_global(path: &str) -> Result<libloading::os::unix::Library, libloading::
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N` and makes the device usable, loading CUDA if needed.
+// TODO: the CUDA branch has only been exercised where no GPU exists (it fails with the
+// clear error); loading on a real GPU machine is untested.
 pub fn resolve(spec: &str) -> Result<Device, DeviceError> {
     let spec = spec.trim().to_ascii_lowercase();
     let index = match spec.as_str() {

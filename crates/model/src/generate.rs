@@ -476,6 +476,9 @@ fn rows_to_vecs(logits: &Tensor) -> Vec<Vec<f32>> {
 
 impl Sequence {
     /// Samples the next token, updates the text and decides whether the sequence is done.
+    // TODO: the whole generation is decoded again every step (quadratic in its length); fine
+    // for hundreds of tokens, wasteful for long outputs. An incremental decoder that keeps
+    // a byte offset would make it linear.
     fn advance(&mut self, decoder: &dyn TextDecoder) -> StepOutput {
         let token = sample(&self.next_logits, &self.params, &mut self.rng);
         let logprob = self
@@ -558,6 +561,8 @@ fn safe_release_point(text: &str, stops: &[String], released: usize) -> usize {
 }
 
 /// Picks the next token from raw logits according to `params`.
+// TODO: sampling sorts the whole vocabulary on the CPU every token (O(V log V)); a partial
+// selection for top-k, or sampling on the device, would matter for 100k+ vocabularies.
 fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     if params.temperature == 0.0 {
         return argmax(logits);

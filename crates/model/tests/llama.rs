@@ -299,3 +299,35 @@ fn weights_of_the_wrong_shape_are_an_error_naming_the_tensor() {
     let error = checkpoint::load(dir.path(), Device::Cpu).expect_err("norm has 128 entries");
     assert!(error.to_string().contains("model.norm.weight"), "{error}");
 }
+
+#[test]
+fn a_tokenizer_with_more_ids_than_the_embedding_has_rows_is_refused() {
+    use ferrite_model::tokenizer::{Tokenizer, TrainConfig};
+    let config = TrainConfig {
+        vocab_size: 300,
+        min_frequency: 1,
+    };
+    let tokenizer = Tokenizer::train(
+        &config,
+        ["the cat sat on the mat", "the dog sat on the log"].into_iter(),
+    )
+    .expect("trains");
+    // 256 byte tokens plus specials already exceed an embedding of 260 rows.
+    assert!(tokenizer.vocab_size() > 260);
+    let model_config = ModelConfig::preset("tiny")
+        .expect("tiny preset exists")
+        .with_vocab_size(260);
+    let var_store = nn::VarStore::new(Device::Cpu);
+    let _model = Llama::new(&var_store.root(), &model_config);
+    let dir = tempfile::tempdir().expect("temp dir");
+    checkpoint::save(dir.path(), &var_store, &model_config, Some(&tokenizer)).expect("saves");
+    let error =
+        checkpoint::load(dir.path(), Device::Cpu).expect_err("ids past row 259 cannot be embedded");
+    assert!(
+        matches!(
+            error,
+            CheckpointError::VocabularyMismatch { embedding: 260, .. }
+        ),
+        "{error}"
+    );
+}
