@@ -309,6 +309,8 @@ impl ModelConfig {
         if self.attention_bias || self.mlp_bias {
             return invalid("attention_bias and mlp_bias are not supported".to_string());
         }
+        // TODO: Llama 3-style rope_scaling is not implemented, so such models are refused here
+        // rather than run with wrong positions.
         if self
             .rope_scaling
             .as_ref()

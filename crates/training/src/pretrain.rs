@@ -79,6 +79,7 @@ pub struct PretrainConfig {
     /// Threads libtorch may use; `None` leaves its default.
     pub threads: Option<i32>,
     /// Run forward passes under bf16 autocast; only takes effect on a GPU.
+    // TODO: never run on a GPU here (none on the development machines); untested there.
     pub bf16_autocast: bool,
 }
 
