@@ -369,14 +369,17 @@ impl RawPath {
 
     async fn stop(self: Arc<Self>) {
         self.consumer.abort();
-        let _ = self
-            .publisher
-            .queue_delete(&self.queue, QueueDeleteOptions::default())
-            .await;
-        let _ = self
-            .publisher
-            .exchange_delete(&self.exchange, ExchangeDeleteOptions::default())
-            .await;
+        // A fresh channel for each deletion: a failed one closes its channel, and the other
+        // must still run so that nothing is left on the shared broker.
+        if let Ok(channel) = self.connection.create_channel().await {
+            let _ = channel
+                .queue_delete(&self.queue, QueueDeleteOptions::default())
+                .await;
+        }
+        if let Ok(channel) = self.connection.create_channel().await {
+            let options = ExchangeDeleteOptions::default();
+            let _ = channel.exchange_delete(&self.exchange, options).await;
+        }
         let _ = self.connection.close(200, "bench done").await;
     }
 }
