@@ -331,3 +331,63 @@ fn a_tokenizer_with_more_ids_than_the_embedding_has_rows_is_refused() {
         "{error}"
     );
 }
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        ..SamplingParams::default()
+    }
+}
+
+fn alone(model: &Llama, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    generate::generate(
+        model,
+        &ByteDecoder,
+        &[(prompt.to_vec(), greedy(max_tokens))],
+        |_| {},
+    )
+    .expect("generates")
+    .remove(0)
+    .tokens
+}
+
+#[test]
+fn sequences_joining_and_leaving_a_running_batch_decode_as_they_do_alone() {
+    // Continuous batching: B joins after A has run three steps, left-padded to A's 10 cached
+    // positions; A leaves early, its row goes and so do the 7 leading columns that were only
+    // B's padding; C joins later still, padded to B's length. Greedy decoding makes each sequence's tokens a function of its
+    // prompt alone, so any mask, position or cache slip shows up as a different token.
+    let (_store, model) = tiny();
+    let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) = (
+        vec![21, 22, 23, 24, 25, 26, 27],
+        vec![11, 12, 13],
+        vec![31, 32],
+    );
+    let mut batch = generate::Batch::new(&model, &ByteDecoder);
+    let mut tokens: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    let mut record = |outputs: Vec<generate::StepOutput>| {
+        for output in outputs {
+            tokens
+                .entry(output.sequence)
+                .or_default()
+                .push(output.token);
+        }
+    };
+    let id_a = batch.add(&[(a.clone(), greedy(5))]).expect("adds")[0];
+    for _ in 0..3 {
+        record(batch.step());
+    }
+    let id_b = batch.add(&[(b.clone(), greedy(10))]).expect("adds")[0];
+    for _ in 0..4 {
+        record(batch.step());
+    }
+    assert_eq!(batch.running(), [id_b], "A stopped after its 5 tokens");
+    let id_c = batch.add(&[(c.clone(), greedy(6))]).expect("adds")[0];
+    while !batch.is_empty() {
+        record(batch.step());
+    }
+    assert_eq!(tokens[&id_a], alone(&model, &a, 5));
+    assert_eq!(tokens[&id_b], alone(&model, &b, 10));
+    assert_eq!(tokens[&id_c], alone(&model, &c, 6));
+    assert_eq!(batch.take_completions().len(), 3);
+}
