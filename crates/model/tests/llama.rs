@@ -391,3 +391,55 @@ fn sequences_joining_and_leaving_a_running_batch_decode_as_they_do_alone() {
     assert_eq!(tokens[&id_c], alone(&model, &c, 6));
     assert_eq!(batch.take_completions().len(), 3);
 }
+
+/// Wraps a projection and scales its output, as an adapter would add to it.
+#[derive(Debug)]
+struct Scaled {
+    inner: Box<dyn ferrite_model::llama::Projection>,
+    scale: f64,
+}
+
+impl ferrite_model::llama::Projection for Scaled {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.inner.forward(x) * self.scale
+    }
+}
+
+#[test]
+fn projections_can_be_wrapped_by_name_as_adapters_will_be() {
+    let (_store, mut model) = tiny();
+    let input = ids(&[&[3, 1, 4, 1, 5]]);
+    let before = tch::no_grad(|| model.forward(&input, &ForwardOptions::default(), None));
+
+    let mut names = Vec::new();
+    model.map_projections(|name, inner| {
+        names.push(name.to_string());
+        // Silencing every block's output projections leaves only the embedding in the
+        // residual stream.
+        let silenced = name.ends_with("o_proj") || name.ends_with("down_proj");
+        Box::new(Scaled {
+            inner,
+            scale: if silenced { 0.0 } else { 1.0 },
+        })
+    });
+    // Seven projections per layer, and no lm_head because tiny ties it to the embedding.
+    assert_eq!(names.len(), 7 * 4);
+    assert!(names.contains(&"model.layers.3.mlp.gate_proj".to_string()));
+
+    // Expected by hand: logits = RMSNorm(E[x]) · Eᵀ, with the norm's gain still 1.
+    let after = tch::no_grad(|| model.forward(&input, &ForwardOptions::default(), None));
+    let embedding = model.embed_tokens();
+    let embedded = Tensor::embedding(embedding, &input, -1, false, false);
+    let eps = model.config().rms_norm_eps;
+    let normed = &embedded * (embedded.square().mean_dim(-1, true, Kind::Float) + eps).rsqrt();
+    let expected = tch::no_grad(|| normed.matmul(&embedding.tr()));
+    assert!(
+        max_difference(&after, &expected) < 1e-5,
+        "{}",
+        max_difference(&after, &expected)
+    );
+    assert!(
+        max_difference(&before, &after) > 1e-3,
+        "the blocks did contribute before"
+    );
+}
