@@ -92,8 +92,8 @@ impl Broker {
             .with_headers(to_field_table(message.headers));
         // TODO: not `mandatory`, so a message no queue is bound for is confirmed and dropped.
         // Right for events nobody subscribes to, wrong for a work queue whose consumer has never
-        // started; until returned messages are handled, declare such queues at start-up with
-        // `Broker::declare_queue`.
+        // started; until returned messages are handled, register such queues at start-up with
+        // `Broker::register_queue`.
         let confirm = channel
             .basic_publish(
                 &self.settings().exchange,
