@@ -1,6 +1,8 @@
 //! `ferrite up`: all seven services in one process, on one port.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,17 +22,26 @@ pub fn all_services() -> Vec<Box<dyn ServiceModule>> {
 }
 
 pub async fn run() -> ExitCode {
-    ferrite_platform::launch::serve_with("up", all_services(), |application| {
+    let never_ready = Arc::new(AtomicBool::new(false));
+    let code = ferrite_platform::launch::serve_with("up", all_services(), |application| {
         let url = format!("http://{}", application.local_addr());
         let stop = application.shutdown_token();
+        let never_ready = never_ready.clone();
         tokio::spawn(async move {
             if let Err(e) = wait_until_ready(&url, Duration::from_secs(60)).await {
                 eprintln!("ferrite up: {e:#}");
+                never_ready.store(true, Ordering::SeqCst);
                 stop.cancel();
             }
         });
     })
-    .await
+    .await;
+    // Giving up on readiness is a failure, though the shutdown that follows is orderly.
+    if never_ready.load(Ordering::SeqCst) {
+        ExitCode::FAILURE
+    } else {
+        code
+    }
 }
 
 /// Polls `/readyz` until every dependency answers, then prints the status table.

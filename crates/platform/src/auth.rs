@@ -76,6 +76,9 @@ pub enum AuthError {
     Database(#[from] sqlx::Error),
 }
 
+/// Name of the token registered from `FERRITE_ADMIN_TOKEN`.
+const BOOTSTRAP_NAME: &str = "bootstrap-admin";
+
 /// Issues, checks and revokes tokens; shared by every service in one process.
 #[derive(Clone, Debug)]
 pub struct Auth {
@@ -116,17 +119,31 @@ impl Auth {
         })
     }
 
-    /// Makes `token` a valid admin token, so a fresh install can issue the others.
+    /// Makes `token` the bootstrap admin token, so a fresh install can issue the others.
+    ///
+    /// A bootstrap token revoked through the API stays revoked across restarts, and a new
+    /// value (a rotation) retires the previous bootstrap token.
     pub async fn ensure_admin(&self, token: &Secret<String>) -> Result<(), AuthError> {
+        let digest = digest(token.expose());
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO api_tokens (id, name, role, token_sha256) \
-             VALUES ($1, 'bootstrap-admin', 'admin', $2) \
-             ON CONFLICT (token_sha256) DO UPDATE SET revoked_at = NULL, role = 'admin'",
+            "UPDATE api_tokens SET revoked_at = now() \
+             WHERE name = $1 AND token_sha256 <> $2 AND revoked_at IS NULL",
+        )
+        .bind(BOOTSTRAP_NAME)
+        .bind(&digest)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, token_sha256) VALUES ($1, $2, 'admin', $3) \
+             ON CONFLICT (token_sha256) DO NOTHING",
         )
         .bind(Uuid::now_v7())
-        .bind(digest(token.expose()))
-        .execute(&self.pool)
+        .bind(BOOTSTRAP_NAME)
+        .bind(&digest)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -205,7 +222,11 @@ impl FromRequest for Principal {
             let token = header
                 .as_ref()
                 .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.strip_prefix("Bearer "))
+                // The scheme is case-insensitive (RFC 9110, section 11.1).
+                .and_then(|value| {
+                    let (scheme, token) = value.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+                })
                 .map(str::trim)
                 .filter(|token| !token.is_empty())
                 .ok_or_else(|| {

@@ -149,8 +149,15 @@ impl ResponseError for ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// Postgres being away or saturated is a 503 the client may retry; anything else is a bug.
     fn from(e: sqlx::Error) -> Self {
-        Self::internal(&e)
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::warn!(error = %ErrorChain(&e), "database unavailable");
+                Self::unavailable("the database is unavailable; retry shortly")
+            }
+            e => Self::internal(&e),
+        }
     }
 }
 
@@ -225,11 +232,23 @@ fn body_error(e: &serde_json::Error) -> ApiError {
     }
 }
 
-/// serde's messages name the field in backticks: "missing field `model`", "unknown field `x`".
+/// serde names the field in backticks in "missing field `model`", "unknown field `x`" and
+/// "duplicate field `x`"; in other messages a backticked word is a value, not a field.
 fn field_in_message(message: &str) -> Option<String> {
+    let named = ["missing field", "unknown field", "duplicate field"];
+    if !named.iter().any(|prefix| message.starts_with(prefix)) {
+        return None;
+    }
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
     Some(message[start..end].to_owned())
+}
+
+/// Path extractor settings: an unparsable path segment (a bad id) is a 400 in the usual shape.
+pub fn path_config() -> actix_web::web::PathConfig {
+    actix_web::web::PathConfig::default().error_handler(|err, _req| {
+        ApiError::invalid_request("invalid_path", format!("invalid path parameter: {err}")).into()
+    })
 }
 
 #[cfg(test)]
@@ -261,6 +280,20 @@ mod tests {
         }
         let err = serde_json::from_str::<Request>("{}").expect_err("missing field");
         assert_eq!(body_error(&err).body().param.as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn a_bad_value_is_not_mistaken_for_a_field_name() {
+        #[derive(Debug, serde::Deserialize)]
+        enum Role {
+            Admin,
+        }
+        let err = serde_json::from_str::<Role>("\"root\"").expect_err("unknown variant");
+        assert_eq!(
+            body_error(&err).body().param,
+            None,
+            "`root` is the value, not a field"
+        );
     }
 
     #[test]

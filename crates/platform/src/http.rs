@@ -1,7 +1,8 @@
 //! Routes every Ferrite process serves (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`) and
 //! the request middleware that traces and measures each request.
 
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -29,23 +30,37 @@ pub struct ReadinessReport {
     /// `ready` or `unready`.
     pub status: &'static str,
     /// Each dependency and whether it answered: `ok` or the reason it did not.
-    pub checks: std::collections::BTreeMap<String, String>,
+    pub checks: BTreeMap<String, String>,
 }
 
+/// How long one dependency may take to answer before it counts as down. Probes usually give
+/// up after a few seconds, so a hung dependency must not hold the whole report.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Readiness {
+    /// Checks every dependency at once, each within [`CHECK_TIMEOUT`].
     pub async fn report(&self) -> ReadinessReport {
-        let mut checks = std::collections::BTreeMap::new();
-        for (name, pool) in &self.pools {
-            let result = sqlx::query("SELECT 1").execute(pool).await;
-            checks.insert(format!("postgres:{name}"), outcome(result.map(|_| ())));
-        }
-        let broker = if self.broker.is_connected() {
-            Ok(())
-        } else {
-            Err("not connected to RabbitMQ")
+        let postgres = self.pools.iter().map(|(name, pool)| async move {
+            // The migrations table proves the schema is there, not just the server.
+            let check = sqlx::query("SELECT 1 FROM _sqlx_migrations LIMIT 1").execute(pool);
+            (format!("postgres:{name}"), within(check).await)
+        });
+        let storage = async {
+            (
+                "object_storage".to_owned(),
+                within(self.storage.check()).await,
+            )
         };
-        checks.insert("rabbitmq".into(), outcome(broker));
-        checks.insert("object_storage".into(), outcome(self.storage.check().await));
+        let broker = if self.broker.is_connected() {
+            "ok".to_owned()
+        } else {
+            "not connected to RabbitMQ".to_owned()
+        };
+
+        let (postgres, storage) = futures::join!(futures::future::join_all(postgres), storage);
+        let mut checks: BTreeMap<String, String> = postgres.into_iter().collect();
+        checks.insert(storage.0, storage.1);
+        checks.insert("rabbitmq".into(), broker);
         let ready = checks.values().all(|v| v == "ok");
         ReadinessReport {
             status: if ready { "ready" } else { "unready" },
@@ -54,10 +69,15 @@ impl Readiness {
     }
 }
 
-fn outcome<E: std::fmt::Display>(result: Result<(), E>) -> String {
-    match result {
-        Ok(()) => "ok".into(),
-        Err(e) => e.to_string(),
+/// `ok`, or why not, without internal detail such as file paths: the route is public.
+async fn within<T, E: std::fmt::Display>(check: impl Future<Output = Result<T, E>>) -> String {
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(_)) => "ok".into(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            "failed".into()
+        }
+        Err(_) => format!("no answer within {} s", CHECK_TIMEOUT.as_secs()),
     }
 }
 

@@ -46,6 +46,12 @@ impl Metrics {
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        // Clients choose the method, so any non-standard one shares a single label value;
+        // otherwise anyone could grow the exposition without bound.
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method,
+            _ => "OTHER",
+        };
         self.http_requests
             .with_label_values(&[method, route, &status.to_string()])
             .inc();
@@ -74,6 +80,23 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label_so_series_stay_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..50 {
+            metrics.observe_http(&format!("X{i}"), "/healthz", 404, 0.001);
+        }
+        let text = metrics.render();
+        // 50 requests with 50 invented methods: one series holding all 50.
+        assert!(
+            text.contains(
+                r#"ferrite_http_requests_total{method="OTHER",route="/healthz",status="404"} 50"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("X1"), "{text}");
+    }
 
     #[test]
     fn http_observations_appear_in_the_exposition() {

@@ -151,6 +151,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("worker_lease_seconds", "30"),
 ];
 
+/// A bootstrap admin token shorter than this is refused: it guards every other token.
+const MIN_ADMIN_TOKEN_CHARS: usize = 24;
+
 /// Raw values by key, before parsing. The later source wins.
 type RawSettings = BTreeMap<String, String>;
 
@@ -239,6 +242,8 @@ fn flatten(value: &serde_yaml::Value, prefix: String, out: &mut RawSettings) -> 
                 flatten(child, key, out)?;
             }
         }
+        // An empty file, or a key with no value, sets nothing.
+        Value::Null if prefix.is_empty() => {}
         Value::Null => {
             out.insert(prefix, String::new());
         }
@@ -292,7 +297,11 @@ impl Parser<'_> {
             s3_secret_key: self.optional_text("s3_secret_key").map(Secret::new),
             multipart_part_bytes: self.parse("multipart_part_bytes"),
         };
-        if store.multipart_part_bytes < 5 * 1024 * 1024 {
+        let unparsed = self
+            .problems
+            .iter()
+            .any(|p| p.starts_with("FERRITE_MULTIPART_PART_BYTES"));
+        if !unparsed && store.multipart_part_bytes < 5 * 1024 * 1024 {
             // S3 refuses parts under 5 MiB (all but the last).
             self.problems
                 .push("FERRITE_MULTIPART_PART_BYTES: must be at least 5242880".into());
@@ -319,7 +328,7 @@ impl Parser<'_> {
             concurrency: self.parse("worker_concurrency"),
             lease: Duration::from_secs(self.parse("worker_lease_seconds")),
         };
-        Settings {
+        let settings = Settings {
             http,
             database,
             amqp,
@@ -327,6 +336,73 @@ impl Parser<'_> {
             telemetry,
             auth,
             worker,
+        };
+        self.check_ranges(&settings);
+        settings
+    }
+
+    /// Values that parse but cannot work; each would otherwise fail later, or panic.
+    fn check_ranges(&mut self, settings: &Settings) {
+        let acquire = settings.database.acquire_timeout.as_secs();
+        let rules = [
+            (
+                settings.http.json_limit_bytes >= 1024,
+                "http_json_limit_bytes",
+                "at least 1024",
+            ),
+            (
+                settings.database.max_connections >= 1,
+                "database_max_connections",
+                "at least 1",
+            ),
+            (
+                (1..=600).contains(&acquire),
+                "database_acquire_timeout_seconds",
+                "1 to 600",
+            ),
+            (
+                !settings.amqp.exchange.trim().is_empty(),
+                "amqp_exchange",
+                "not empty",
+            ),
+            (settings.amqp.prefetch >= 1, "amqp_prefetch", "at least 1"),
+            (
+                settings.amqp.max_deliveries >= 1,
+                "amqp_max_deliveries",
+                "at least 1",
+            ),
+            (
+                settings.worker.concurrency >= 1,
+                "worker_concurrency",
+                "at least 1",
+            ),
+            (
+                !settings.store.s3_region.trim().is_empty(),
+                "s3_region",
+                "not empty",
+            ),
+            (
+                !settings.telemetry.service_name.trim().is_empty(),
+                "service_name",
+                "not empty",
+            ),
+        ];
+        for (ok, key, rule) in rules {
+            // A value that did not parse is reported once, by `parse`.
+            let name = env_name(key);
+            if !ok && !self.problems.iter().any(|p| p.starts_with(&name)) {
+                self.problems.push(format!("{name}: must be {rule}"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&settings.telemetry.log_filter) {
+            self.problems.push(format!("FERRITE_LOG_FILTER: {e}"));
+        }
+        if let Some(token) = &settings.auth.bootstrap_admin_token
+            && token.expose().len() < MIN_ADMIN_TOKEN_CHARS
+        {
+            self.problems.push(format!(
+                "FERRITE_ADMIN_TOKEN: must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+            ));
         }
     }
 
@@ -391,16 +467,16 @@ impl Parser<'_> {
         if let Some(rest) = value.strip_prefix("s3://") {
             let bucket = rest.trim_end_matches('/');
             if bucket.is_empty() || bucket.contains('/') {
+                // The value is not echoed: a mistyped one may hold credentials.
                 self.problems
-                    .push(format!("FERRITE_STORE: `{value}` must be `s3://<bucket>`"));
+                    .push("FERRITE_STORE: an S3 store must be `s3://<bucket>`".into());
             }
             StoreLocation::S3 {
                 bucket: bucket.to_owned(),
             }
         } else if value.contains("://") {
-            self.problems.push(format!(
-                "FERRITE_STORE: `{value}` is neither a path nor s3://"
-            ));
+            self.problems
+                .push("FERRITE_STORE: must be a folder path or `s3://<bucket>`".into());
             StoreLocation::Local(PathBuf::new())
         } else if value.trim().is_empty() {
             self.problems.push("FERRITE_STORE: is required".into());
@@ -509,6 +585,26 @@ mod tests {
         assert!(
             err.to_string().contains("unknown setting `htp_port`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn values_that_parse_but_cannot_work_are_reported_with_the_rest() {
+        let err = Settings::load(
+            None,
+            &env(&[
+                ("FERRITE_DATABASE_MAX_CONNECTIONS", "0"),
+                ("FERRITE_AMQP_EXCHANGE", ""),
+                ("FERRITE_LOG_FILTER", "info,[[["),
+                ("FERRITE_ADMIN_TOKEN", "short"),
+                ("FERRITE_STORE", "s3://AKIA:hunter2@bucket/x"),
+            ]),
+        )
+        .expect_err("five bad values");
+        assert_eq!(err.problems.len(), 5, "{err}");
+        assert!(
+            !err.to_string().contains("hunter2"),
+            "credentials are not echoed: {err}"
         );
     }
 

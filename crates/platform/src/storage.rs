@@ -299,10 +299,16 @@ impl Storage {
         }
     }
 
-    /// Whether the store answers; `/readyz` calls this. A missing probe object is an answer.
+    /// Whether the store takes writes; `/readyz` calls this. It writes and deletes a small
+    /// probe object, because a store that only answers lookups (a vanished or read-only
+    /// folder, a bucket without write rights) is not ready for uploads.
     pub async fn check(&self) -> Result<(), StorageError> {
         let probe = ObjectKey::parse(".ferrite-readiness-probe")?;
-        self.exists(&probe).await.map(|_| ())
+        self.store
+            .put(&probe.path(), PutPayload::from_static(b"ok"))
+            .await
+            .map_err(|e| StorageError::store(&probe, e))?;
+        self.delete(&probe).await
     }
 }
 

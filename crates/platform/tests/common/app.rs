@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{SHARED_AMQP_URL, TestDatabase, unique_name};
 
 /// The bootstrap admin token every test application starts with.
-pub const ADMIN_TOKEN: &str = "fer_test_admin_token";
+pub const ADMIN_TOKEN: &str = "fer_test_admin_token_0123456789";
 
 /// A running application and what a test needs to talk to it.
 pub struct TestApp {
