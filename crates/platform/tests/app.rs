@@ -342,3 +342,41 @@ async fn a_request_in_flight_at_shutdown_finishes() {
     app.stopped.await.expect("joins").expect("stops cleanly");
     app.database.drop().await;
 }
+
+#[tokio::test]
+async fn a_revoked_bootstrap_admin_token_stays_revoked_after_a_restart() {
+    // Regression: start-up used to clear `revoked_at` of the configured admin token.
+    let app = spawn_app(&[]).await;
+    let me: Value = app
+        .client
+        .get(app.url("/v1/auth/whoami"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("JSON");
+    let id = me["token_id"].as_str().expect("an id").to_owned();
+    let revoked = app
+        .client
+        .delete(app.url(&format!("/v1/auth/tokens/{id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    app.shutdown.cancel();
+    app.stopped.await.expect("joins").expect("stops cleanly");
+
+    let env = app.settings_env.clone();
+    let again = spawn_app_on(app.database, env).await;
+    let after = again
+        .client
+        .get(again.url("/v1/auth/whoami"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await;
+    assert_eq!(after.expect("answers").status(), StatusCode::UNAUTHORIZED);
+    again.stop().await;
+}
