@@ -45,11 +45,18 @@ impl TestApp {
         .expect("connect to the probe schema")
     }
 
-    /// Shuts the application down, checks it stopped cleanly, and drops its database.
+    /// Shuts the application down, checks it stopped cleanly, and removes what it left behind:
+    /// its database, and its exchanges and queues on the shared broker.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.stopped.await.expect("joins").expect("stops cleanly");
         self.database.drop().await;
+        let settings = Settings::load(None, &self.settings_env).expect("valid");
+        let url = settings.amqp.url.expose().to_string();
+        if url == SHARED_AMQP_URL {
+            let queue = format!("{}.probe", settings.amqp.exchange);
+            super::delete_topology(&url, &settings.amqp, &[&queue]).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
