@@ -23,7 +23,8 @@ if ! (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null; then
   s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key ferrite --secret-key ferrite-secret \
     "$S3_DIR" >"$FERRITE_ROOT/.ferrite/s3s-fs.log" 2>&1 &
   s3_pid=$!
-  trap '[ -n "$s3_pid" ] && kill "$s3_pid" 2>/dev/null' EXIT
+  # Ctrl-C reaches s3s-fs too, so it may be gone already; that is not a failure.
+  trap 'kill "$s3_pid" 2>/dev/null || true' EXIT
 fi
 
 export FERRITE_STORE="s3://ferrite"
@@ -33,4 +34,5 @@ export FERRITE_S3_SECRET_KEY=ferrite-secret
 export FERRITE_LOG_FORMAT="${FERRITE_LOG_FORMAT:-pretty}"
 export FERRITE_LOG_FILTER="${FERRITE_LOG_FILTER:-warn}"
 
-./target/release/ferrite up
+# `cargo run` finds the binary wherever the target folder is (CARGO_TARGET_DIR included).
+cargo run --release --quiet -p ferrite-cli -- up

@@ -2,10 +2,10 @@
 //! text generation and device selection.
 
 pub mod checkpoint;
-pub mod gguf;
 pub mod config;
 pub mod device;
 pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod rng;
 pub mod safetensors;

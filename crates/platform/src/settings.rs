@@ -297,6 +297,16 @@ impl Parser<'_> {
             s3_secret_key: self.optional_text("s3_secret_key").map(Secret::new),
             multipart_part_bytes: self.parse("multipart_part_bytes"),
         };
+        if matches!(store.location, StoreLocation::S3 { .. })
+            && (store.s3_access_key.is_none() || store.s3_secret_key.is_none())
+        {
+            // Without keys the S3 client would look for credentials at the cloud metadata
+            // address, which is never what a Ferrite install on its own hardware wants.
+            self.problems.push(
+                "FERRITE_S3_ACCESS_KEY, FERRITE_S3_SECRET_KEY: both are required with an s3:// store"
+                    .into(),
+            );
+        }
         let unparsed = self
             .problems
             .iter()
@@ -534,7 +544,12 @@ mod tests {
     fn environment_overrides_defaults() {
         let settings = Settings::load(
             None,
-            &env(&[("FERRITE_HTTP_PORT", "0"), ("FERRITE_STORE", "s3://models")]),
+            &env(&[
+                ("FERRITE_HTTP_PORT", "0"),
+                ("FERRITE_STORE", "s3://models"),
+                ("FERRITE_S3_ACCESS_KEY", "key"),
+                ("FERRITE_S3_SECRET_KEY", "secret"),
+            ]),
         )
         .expect("valid");
         assert_eq!(settings.http.port, 0);
@@ -598,6 +613,8 @@ mod tests {
                 ("FERRITE_LOG_FILTER", "info,[[["),
                 ("FERRITE_ADMIN_TOKEN", "short"),
                 ("FERRITE_STORE", "s3://AKIA:hunter2@bucket/x"),
+                ("FERRITE_S3_ACCESS_KEY", "key"),
+                ("FERRITE_S3_SECRET_KEY", "secret"),
             ]),
         )
         .expect_err("five bad values");
@@ -606,6 +623,13 @@ mod tests {
             !err.to_string().contains("hunter2"),
             "credentials are not echoed: {err}"
         );
+    }
+
+    #[test]
+    fn an_s3_store_without_keys_is_refused_rather_than_asking_the_metadata_service() {
+        let err = Settings::load(None, &env(&[("FERRITE_STORE", "s3://models")]))
+            .expect_err("keys are required");
+        assert!(err.to_string().contains("FERRITE_S3_ACCESS_KEY"), "{err}");
     }
 
     #[test]

@@ -2,5 +2,9 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferrite_platform::launch::serve("dataset-registry", vec![Box::new(ferrite_dataset_registry::DatasetRegistry)]).await
+    ferrite_platform::launch::serve(
+        "dataset-registry",
+        vec![Box::new(ferrite_dataset_registry::DatasetRegistry)],
+    )
+    .await
 }

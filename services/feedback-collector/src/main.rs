@@ -2,5 +2,9 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferrite_platform::launch::serve("feedback-collector", vec![Box::new(ferrite_feedback_collector::FeedbackCollector)]).await
+    ferrite_platform::launch::serve(
+        "feedback-collector",
+        vec![Box::new(ferrite_feedback_collector::FeedbackCollector)],
+    )
+    .await
 }

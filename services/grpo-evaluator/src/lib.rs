@@ -33,6 +33,9 @@ impl ServiceModule for GrpoEvaluator {
     async fn mount(&self, _ctx: ServiceContext) -> anyhow::Result<Mounted> {
         // TODO: the resource routes (/v1/verifiers, /v1/evaluations, /v1/rewards) arrive with this service's issue; until then
         // the service serves only the operational routes every process has.
-        Ok(Mounted::routes(Arc::new(|_| {}), <Api as utoipa::OpenApi>::openapi()))
+        Ok(Mounted::routes(
+            Arc::new(|_| {}),
+            <Api as utoipa::OpenApi>::openapi(),
+        ))
     }
 }

@@ -33,6 +33,9 @@ impl ServiceModule for InferenceGateway {
     async fn mount(&self, _ctx: ServiceContext) -> anyhow::Result<Mounted> {
         // TODO: the resource routes (/v1/models, /v1/completions, /v1/chat/completions, /v1/deployments) arrive with this service's issue; until then
         // the service serves only the operational routes every process has.
-        Ok(Mounted::routes(Arc::new(|_| {}), <Api as utoipa::OpenApi>::openapi()))
+        Ok(Mounted::routes(
+            Arc::new(|_| {}),
+            <Api as utoipa::OpenApi>::openapi(),
+        ))
     }
 }

@@ -2,5 +2,9 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferrite_platform::launch::serve("inference-gateway", vec![Box::new(ferrite_inference_gateway::InferenceGateway)]).await
+    ferrite_platform::launch::serve(
+        "inference-gateway",
+        vec![Box::new(ferrite_inference_gateway::InferenceGateway)],
+    )
+    .await
 }

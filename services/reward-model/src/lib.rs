@@ -33,6 +33,9 @@ impl ServiceModule for RewardModel {
     async fn mount(&self, _ctx: ServiceContext) -> anyhow::Result<Mounted> {
         // TODO: the resource routes (/v1/reward-models, /v1/score) arrive with this service's issue; until then
         // the service serves only the operational routes every process has.
-        Ok(Mounted::routes(Arc::new(|_| {}), <Api as utoipa::OpenApi>::openapi()))
+        Ok(Mounted::routes(
+            Arc::new(|_| {}),
+            <Api as utoipa::OpenApi>::openapi(),
+        ))
     }
 }

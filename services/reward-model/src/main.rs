@@ -2,5 +2,9 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferrite_platform::launch::serve("reward-model", vec![Box::new(ferrite_reward_model::RewardModel)]).await
+    ferrite_platform::launch::serve(
+        "reward-model",
+        vec![Box::new(ferrite_reward_model::RewardModel)],
+    )
+    .await
 }

@@ -2,5 +2,9 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    ferrite_platform::launch::serve("training-runner", vec![Box::new(ferrite_training_runner::TrainingRunner)]).await
+    ferrite_platform::launch::serve(
+        "training-runner",
+        vec![Box::new(ferrite_training_runner::TrainingRunner)],
+    )
+    .await
 }
