@@ -16,6 +16,8 @@ use ferrite_training::pretrain::{Metrics, PretrainConfig, Pretrainer};
 use tch::Device;
 
 #[derive(Debug, Parser)]
+// Later flags win, so scripts/pretrain-small.sh can pass defaults and the caller override them.
+#[command(args_override_self = true)]
 struct Arguments {
     /// Text to train on.
     #[arg(long, default_value = "data/corpus/corpus.txt")]
