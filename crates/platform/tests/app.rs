@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::app::{ADMIN_TOKEN, spawn_app, spawn_app_on};
 use common::{PrivateRabbit, eventually};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -97,57 +97,39 @@ async fn readyz_turns_unready_when_rabbitmq_stops_and_ready_again_when_it_return
 #[tokio::test]
 async fn missing_or_wrong_tokens_get_401_and_a_labeler_on_an_admin_route_gets_403() {
     let app = spawn_app(&[]).await;
-    let admin_route = app.url("/v1/probe/admin");
+    let admin_route = "/v1/probe/admin";
 
-    let none = app.client.get(&admin_route).send().await.expect("answers");
-    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = none.json().await.expect("JSON");
+    let (status, body) = app.call(Method::GET, admin_route, None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"]["type"], "authentication_error");
 
-    let wrong = app
-        .client
-        .get(&admin_route)
-        .bearer_auth("fer_nope")
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = app
+        .call(Method::GET, admin_route, Some("fer_nope"), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    let created: Value = app
-        .client
-        .post(app.url("/v1/auth/tokens"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "labeler-ana", "role": "labeler"}))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("JSON");
-    let labeler = created["token"]
-        .as_str()
-        .expect("a token is returned once")
-        .to_owned();
+    let labeler_spec = json!({"name": "labeler-ana", "role": "labeler"});
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/v1/auth/tokens",
+            Some(ADMIN_TOKEN),
+            Some(labeler_spec),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let labeler = created["token"].as_str().expect("a token is returned once");
 
-    let refused = app
-        .client
-        .get(&admin_route)
-        .bearer_auth(&labeler)
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-    let body: Value = refused.json().await.expect("JSON");
+    let (status, body) = app
+        .call(Method::GET, admin_route, Some(labeler), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(body["error"]["code"], "insufficient_role");
 
-    let allowed = app
-        .client
-        .get(&admin_route)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(allowed.status(), StatusCode::OK);
+    let (status, _) = app
+        .call(Method::GET, admin_route, Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
 
     // Only the digest is stored: the token's text appears nowhere in the table.
     let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT token_sha256 FROM auth.api_tokens")
@@ -162,21 +144,15 @@ async fn missing_or_wrong_tokens_get_401_and_a_labeler_on_an_admin_route_gets_40
 
     // A revoked token stops working at once.
     let id = created["id"].as_str().expect("an id");
-    let revoked = app
-        .client
-        .delete(app.url(&format!("/v1/auth/tokens/{id}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
-    let after = app
-        .client
-        .get(app.url("/v1/auth/whoami"))
-        .bearer_auth(&labeler)
-        .send()
+    let revoke = format!("/v1/auth/tokens/{id}");
+    let (status, _) = app
+        .call(Method::DELETE, &revoke, Some(ADMIN_TOKEN), None)
         .await;
-    assert_eq!(after.expect("answers").status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app
+        .call(Method::GET, "/v1/auth/whoami", Some(labeler), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     app.stop().await;
 }
