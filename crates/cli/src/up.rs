@@ -48,25 +48,18 @@ pub async fn run() -> ExitCode {
 async fn wait_until_ready(url: &str, patience: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        if print_status_if_ready(url).await? {
+        let report = readiness(url).await?;
+        if report["status"] == "ready" {
+            print_report(url, &report);
             eprintln!("ferrite is up at {url} (stop with Ctrl-C)");
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            print_status(url).await?;
+            print_report(url, &report);
             anyhow::bail!("not ready after {} s", patience.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-async fn print_status_if_ready(url: &str) -> anyhow::Result<bool> {
-    let report = readiness(url).await?;
-    if report["status"] == "ready" {
-        print_report(url, &report);
-        return Ok(true);
-    }
-    Ok(false)
 }
 
 /// Prints one line per service and dependency; true when everything is ready.

@@ -100,16 +100,8 @@ impl Broker {
     /// events for it are published, or the broker drops them as unroutable.
     pub async fn register_queue(&self, queue: &str, bindings: &[String]) -> Result<(), AmqpError> {
         let mut queues = self.shared.queues.lock().await;
-        if let Some(connection) = self.current_connection() {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(AmqpError::Channel)?;
-            let declared =
-                topology::declare_queue(&channel, self.settings(), queue, bindings).await;
-            // A failed declaration closes the channel on the broker's side already.
-            let _ = channel.close(200, "queue declared").await;
-            declared?;
+        if self.current_connection().is_some() {
+            self.declare_queue(queue, bindings).await?;
         }
         queues.push((queue.to_owned(), bindings.to_vec()));
         Ok(())
