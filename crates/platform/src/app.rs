@@ -22,6 +22,7 @@ use crate::db;
 use crate::error::{json_config, path_config};
 use crate::http::{self, Readiness};
 use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::settings::Settings;
 use crate::storage::Storage;
 
@@ -35,6 +36,8 @@ pub struct ServiceContext {
     pub metrics: Metrics,
     pub auth: Auth,
     pub settings: Arc<Settings>,
+    /// The other services' REST APIs, authenticated as this service.
+    pub peers: Peers,
     /// Cancelled when the process begins to shut down.
     pub shutdown: CancellationToken,
 }
@@ -82,6 +85,8 @@ pub struct Application {
     server: actix_web::dev::Server,
     shutdown: CancellationToken,
     background: Vec<JoinHandle<()>>,
+    auth: Auth,
+    peers: Vec<Peers>,
 }
 
 impl Application {
@@ -106,6 +111,18 @@ impl Application {
                 .context("cannot register the bootstrap admin token")?;
         }
 
+        // Bound before the services mount, so their peer client knows this process's address.
+        let listener =
+            TcpListener::bind((settings.http.host, settings.http.port)).with_context(|| {
+                format!("cannot bind {}:{}", settings.http.host, settings.http.port)
+            })?;
+        let address = listener.local_addr()?;
+        let api_url = match &settings.http.api_url {
+            Some(url) => url.clone(),
+            None => url::Url::parse(&format!("http://{address}")).context("local API URL")?,
+        };
+        let mut peer_clients = Vec::new();
+
         let mut openapi = <http::OperationsApi as utoipa::OpenApi>::openapi();
         openapi.merge(<auth::AuthApi as utoipa::OpenApi>::openapi());
         let mut routes: Vec<Routes> = Vec::new();
@@ -114,7 +131,12 @@ impl Application {
         for module in modules {
             let pool = db::connect(&settings.database, module.schema())?;
             db::migrate(&pool, module.schema(), module.migrator()).await?;
+            let peers = Peers::start(&auth, module.name(), api_url.clone())
+                .await
+                .context("cannot issue the service token")?;
+            peer_clients.push(peers.clone());
             let ctx = ServiceContext {
+                peers,
                 pool: pool.clone(),
                 broker: broker.clone(),
                 storage: storage.clone(),
@@ -168,14 +190,9 @@ impl Application {
             broker: broker.clone(),
             storage: storage.clone(),
         };
-        let listener =
-            TcpListener::bind((settings.http.host, settings.http.port)).with_context(|| {
-                format!("cannot bind {}:{}", settings.http.host, settings.http.port)
-            })?;
-        let address = listener.local_addr()?;
         let state = SharedState {
             metrics,
-            auth,
+            auth: auth.clone(),
             readiness,
             openapi: Arc::new(openapi),
             json_limit_bytes: settings.http.json_limit_bytes,
@@ -207,6 +224,8 @@ impl Application {
             server,
             shutdown,
             background,
+            auth,
+            peers: peer_clients,
         })
     }
 
@@ -246,6 +265,9 @@ impl Application {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "a background task ended abnormally");
             }
+        }
+        for peers in &self.peers {
+            peers.stop(&self.auth).await;
         }
         served.context("HTTP server failed")
     }

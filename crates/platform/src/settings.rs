@@ -38,6 +38,9 @@ pub struct HttpSettings {
     pub json_limit_bytes: usize,
     /// How long in-flight requests get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Where every service's REST API is reachable (the all-in-one process or an Ingress);
+    /// `None` means this process itself. Services query each other through it.
+    pub api_url: Option<Url>,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +131,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("http_port", "8080"),
     ("http_json_limit_bytes", "16777216"),
     ("http_shutdown_grace_seconds", "30"),
+    ("api_url", ""),
     ("database_url", "postgres://postgres@127.0.0.1:5432/ferrite"),
     ("database_max_connections", "10"),
     ("database_acquire_timeout_seconds", "5"),
@@ -276,6 +280,7 @@ impl Parser<'_> {
             port: self.parse("http_port"),
             json_limit_bytes: self.parse("http_json_limit_bytes"),
             shutdown_grace: Duration::from_secs(self.parse("http_shutdown_grace_seconds")),
+            api_url: self.optional_url("api_url", &["http", "https"]),
         };
         let database = DatabaseSettings {
             url: Secret::new(self.url("database_url", &["postgres", "postgresql"])),

@@ -3,5 +3,6 @@
 
 pub mod adamw;
 pub mod data;
+pub mod job;
 pub mod pretrain;
 pub mod schedule;

@@ -43,8 +43,10 @@ pub enum PretrainError {
     Invalid(String),
 }
 
-/// Hyper-parameters of a pretraining run.
+/// Hyper-parameters of a pretraining run; keys left out take their defaults, unknown keys are
+/// refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
     /// Windows per micro-batch.
     pub batch_size: usize,
@@ -108,21 +110,42 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
-    fn validate(&self) -> Result<(), PretrainError> {
-        let invalid = |message: &str| Err(PretrainError::Invalid(message.to_string()));
-        if self.batch_size == 0 || self.sequence_length == 0 || self.gradient_accumulation == 0 {
-            return invalid(
-                "batch_size, sequence_length and gradient_accumulation must be positive",
-            );
+    /// The first out-of-range value, as (field, what is wrong).
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        for (name, value) in [
+            ("batch_size", self.batch_size),
+            ("sequence_length", self.sequence_length),
+            ("gradient_accumulation", self.gradient_accumulation),
+            ("total_steps", self.total_steps),
+        ] {
+            if value == 0 {
+                return Err((name, "must be positive"));
+            }
         }
-        let ordered = self.min_lr >= 0.0 && self.peak_lr > 0.0 && self.min_lr <= self.peak_lr;
-        if !ordered {
-            return invalid("need 0 <= min_lr <= peak_lr and peak_lr > 0");
+        if !(self.peak_lr > 0.0 && self.peak_lr.is_finite()) {
+            return Err(("peak_lr", "must be positive and finite"));
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return invalid("beta1 and beta2 must lie in [0, 1)");
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.peak_lr) {
+            return Err(("min_lr", "must lie in [0, peak_lr]"));
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return Err(("beta1", "must lie in [0, 1)"));
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return Err(("beta2", "must lie in [0, 1)"));
+        }
+        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) {
+            return Err(("eps", "eps must be positive and weight_decay non-negative"));
+        }
+        if self.max_grad_norm.is_some_and(|norm| !(norm > 0.0)) {
+            return Err(("max_grad_norm", "must be positive when set"));
         }
         Ok(())
+    }
+
+    fn validate(&self) -> Result<(), PretrainError> {
+        self.check()
+            .map_err(|(name, message)| PretrainError::Invalid(format!("{name} {message}")))
     }
 
     fn schedule(&self) -> WarmupCosine {
