@@ -27,6 +27,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub auth: AuthSettings,
     pub worker: WorkerSettings,
+    pub datasets: DatasetSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +111,36 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Time a worker's lease on a job lasts without a heartbeat.
     pub lease: Duration,
+    /// Where attempts run.
+    pub backend: WorkerBackend,
+    /// The program a local worker runs (`<program> worker --job ID --attempt N`); `None` is
+    /// this process's own executable.
+    pub command: Option<PathBuf>,
+    /// Attempts a job gets in all before it is failed.
+    pub max_attempts: u32,
+    /// Folder for a worker's downloads and checkpoints; the system temp folder when `None`.
+    pub scratch_dir: Option<PathBuf>,
+    /// Container image of a Kubernetes worker.
+    pub image: String,
+    /// Namespace Kubernetes workers run in.
+    pub kubernetes_namespace: String,
+}
+
+/// Where the training runner starts workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerBackend {
+    /// Child processes of the runner.
+    Local,
+    /// A `batch/v1` Job per attempt.
+    Kubernetes,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatasetSettings {
+    /// Longest line an upload may hold, in bytes.
+    pub max_line_bytes: usize,
+    /// Largest upload after decompression, in bytes.
+    pub max_upload_bytes: u64,
 }
 
 /// Every problem found while loading settings, reported together.
@@ -153,6 +184,14 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("admin_token", ""),
     ("worker_concurrency", "1"),
     ("worker_lease_seconds", "30"),
+    ("worker_backend", "local"),
+    ("worker_command", ""),
+    ("worker_max_attempts", "3"),
+    ("worker_scratch_dir", ""),
+    ("worker_image", "ghcr.io/ferrite-ml/ferrite:latest"),
+    ("kubernetes_namespace", "ferrite"),
+    ("dataset_max_line_bytes", "1048576"),
+    ("dataset_max_upload_bytes", "10737418240"),
 ];
 
 /// A bootstrap admin token shorter than this is refused: it guards every other token.
@@ -342,6 +381,25 @@ impl Parser<'_> {
         let worker = WorkerSettings {
             concurrency: self.parse("worker_concurrency"),
             lease: Duration::from_secs(self.parse("worker_lease_seconds")),
+            backend: match self.text("worker_backend").as_str() {
+                "local" => WorkerBackend::Local,
+                "kubernetes" => WorkerBackend::Kubernetes,
+                other => {
+                    self.problems.push(format!(
+                        "FERRITE_WORKER_BACKEND: `{other}` is not `local` or `kubernetes`"
+                    ));
+                    WorkerBackend::Local
+                }
+            },
+            command: self.optional_text("worker_command").map(PathBuf::from),
+            max_attempts: self.parse("worker_max_attempts"),
+            scratch_dir: self.optional_text("worker_scratch_dir").map(PathBuf::from),
+            image: self.text("worker_image"),
+            kubernetes_namespace: self.text("kubernetes_namespace"),
+        };
+        let datasets = DatasetSettings {
+            max_line_bytes: self.parse("dataset_max_line_bytes"),
+            max_upload_bytes: self.parse("dataset_max_upload_bytes"),
         };
         let settings = Settings {
             http,
@@ -351,6 +409,7 @@ impl Parser<'_> {
             telemetry,
             auth,
             worker,
+            datasets,
         };
         self.check_ranges(&settings);
         settings
@@ -390,6 +449,36 @@ impl Parser<'_> {
                 settings.worker.concurrency >= 1,
                 "worker_concurrency",
                 "at least 1",
+            ),
+            (
+                settings.worker.max_attempts >= 1,
+                "worker_max_attempts",
+                "at least 1",
+            ),
+            (
+                settings.worker.lease.as_secs() >= 2,
+                "worker_lease_seconds",
+                "at least 2",
+            ),
+            (
+                !settings.worker.image.trim().is_empty(),
+                "worker_image",
+                "not empty",
+            ),
+            (
+                !settings.worker.kubernetes_namespace.trim().is_empty(),
+                "kubernetes_namespace",
+                "not empty",
+            ),
+            (
+                settings.datasets.max_line_bytes >= 64,
+                "dataset_max_line_bytes",
+                "at least 64",
+            ),
+            (
+                settings.datasets.max_upload_bytes >= 1024,
+                "dataset_max_upload_bytes",
+                "at least 1024",
             ),
             (
                 !settings.store.s3_region.trim().is_empty(),
