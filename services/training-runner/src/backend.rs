@@ -28,6 +28,9 @@ pub struct Resources {
     pub tolerations: Vec<Toleration>,
     /// The worker image; the runner's configured image when absent.
     pub image: Option<String>,
+    /// Longest an attempt may run before Kubernetes stops it (`activeDeadlineSeconds`);
+    /// no limit when absent. The local backend ignores it.
+    pub deadline_seconds: Option<u32>,
 }
 
 /// A Kubernetes toleration, field for field.
