@@ -266,6 +266,15 @@ impl Storage {
             .map_err(move |e| StorageError::store(&key, e)))
     }
 
+    /// Moves an object to a new key, replacing what was there; on S3 a copy then a delete.
+    #[tracing::instrument(skip_all, fields(object.from = %from, object.to = %to))]
+    pub async fn rename(&self, from: &ObjectKey, to: &ObjectKey) -> Result<(), StorageError> {
+        self.store
+            .rename(&from.path(), &to.path())
+            .await
+            .map_err(|e| StorageError::store(from, e))
+    }
+
     pub async fn exists(&self, key: &ObjectKey) -> Result<bool, StorageError> {
         match self.store.head(&key.path()).await {
             Ok(_) => Ok(true),
