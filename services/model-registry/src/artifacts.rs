@@ -1,0 +1,426 @@
+//! Model folders as artifacts: unpacking an uploaded tar, checking the folder, storing it.
+//!
+//! An upload is spooled to a temporary folder and checked whole before anything reaches
+//! object storage: `config.json` must be a Llama config Ferrite can load (or
+//! `adapter_config.json` a PEFT adapter config), and every `.safetensors` file must have a
+//! readable header whose tensors fit in the file. Only then are the files stored; if storing
+//! fails halfway, what was stored is deleted, so a failed upload leaves nothing behind.
+
+use std::io::Read as _;
+use std::path::{Component, Path, PathBuf};
+
+use ferrite_model::config::ModelConfig;
+use ferrite_platform::storage::{ObjectKey, Storage};
+use serde_json::{Map, Value};
+
+use crate::domain::VersionKind;
+use crate::error::RegistryError;
+
+/// A safetensors header larger than this is refused rather than read into memory; real
+/// headers are a few hundred kilobytes even for models with thousands of tensors.
+const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// One file of a checked folder.
+#[derive(Debug, Clone)]
+pub struct ArtifactFile {
+    /// `/`-separated path inside the folder, e.g. `model.safetensors`.
+    pub relative: String,
+    pub path: PathBuf,
+}
+
+fn bad(param: &str, message: impl Into<String>) -> RegistryError {
+    RegistryError::BadArtifact {
+        message: message.into(),
+        param: param.to_owned(),
+    }
+}
+
+/// Unpacks a tar archive into `dir`. Only regular files and folders are accepted, under
+/// relative paths that stay inside `dir`; anything else fails naming the entry.
+pub fn unpack_tar(archive: &Path, dir: &Path) -> Result<(), RegistryError> {
+    let file =
+        std::fs::File::open(archive).map_err(RegistryError::io("cannot reopen the upload"))?;
+    let mut archive = tar::Archive::new(file);
+    let entries = archive
+        .entries()
+        .map_err(|e| bad("body", format!("the body is not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| bad("body", format!("the tar archive is corrupt: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(|e| bad("body", format!("a tar entry has an unreadable path: {e}")))?
+            .into_owned();
+        let shown = path.display().to_string();
+        let safe = path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !safe {
+            return Err(bad(
+                &shown,
+                format!("the entry `{shown}` leaves the folder"),
+            ));
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if !kind.is_file() {
+            return Err(bad(
+                &shown,
+                format!("the entry `{shown}` is not a regular file (links are refused)"),
+            ));
+        }
+        let target = dir.join(&path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(RegistryError::io("cannot unpack"))?;
+        }
+        let mut out = std::fs::File::create(&target).map_err(RegistryError::io("cannot unpack"))?;
+        std::io::copy(&mut entry, &mut out)
+            .map_err(|e| bad(&shown, format!("the entry `{shown}` is truncated: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The folder's root: `dir` itself, or its only sub-folder when an archive wrapped the files
+/// in one (`tar cf m.tar my-model/`).
+pub fn model_root(dir: &Path) -> Result<PathBuf, RegistryError> {
+    let entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(RegistryError::io("cannot read the unpacked folder"))?
+        .collect::<Result<_, _>>()
+        .map_err(RegistryError::io("cannot read the unpacked folder"))?;
+    match entries.as_slice() {
+        [only] if only.path().is_dir() => Ok(only.path()),
+        _ => Ok(dir.to_path_buf()),
+    }
+}
+
+/// Every file under `root`, sorted by relative path.
+pub fn files(root: &Path) -> Result<Vec<ArtifactFile>, RegistryError> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<ArtifactFile>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(root, &path, out)?;
+            } else if let Ok(relative) = path.strip_prefix(root) {
+                let parts: Vec<_> = relative
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(ArtifactFile {
+                    relative: parts.join("/"),
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out).map_err(RegistryError::io("cannot list the unpacked folder"))?;
+    out.sort_by(|a, b| a.relative.cmp(&b.relative));
+    Ok(out)
+}
+
+/// Checks that `files` make a usable artifact of `kind`.
+pub fn check_folder(files: &[ArtifactFile], kind: VersionKind) -> Result<(), RegistryError> {
+    let find = |name: &str| files.iter().find(|f| f.relative == name);
+    let weights: Vec<&ArtifactFile> = files
+        .iter()
+        .filter(|f| f.relative.ends_with(".safetensors"))
+        .collect();
+    for file in &weights {
+        check_safetensors(&file.path, &file.relative)?;
+    }
+    let require = |name: &str| {
+        find(name).ok_or_else(|| bad(name, format!("a {} needs `{name}`", kind.as_str())))
+    };
+    match kind {
+        VersionKind::Model | VersionKind::RewardModel => {
+            check_model_config(require("config.json")?)?;
+            if weights.is_empty() {
+                return Err(bad(
+                    "model.safetensors",
+                    format!(
+                        "a {} needs its weights in `.safetensors` files",
+                        kind.as_str()
+                    ),
+                ));
+            }
+        }
+        VersionKind::Adapter => {
+            check_adapter_config(require("adapter_config.json")?)?;
+            require("adapter_model.safetensors")?;
+        }
+        VersionKind::Tokenizer => {
+            read_json_object(require("tokenizer.json")?)?;
+        }
+    }
+    if let Some(tokenizer) = find("tokenizer.json") {
+        read_json_object(tokenizer)?;
+    }
+    Ok(())
+}
+
+fn read_json_object(file: &ArtifactFile) -> Result<Map<String, Value>, RegistryError> {
+    let text = std::fs::read_to_string(&file.path).map_err(|e| {
+        bad(
+            &file.relative,
+            format!("`{}` is not UTF-8 text: {e}", file.relative),
+        )
+    })?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(bad(
+            &file.relative,
+            format!("`{}` is not a JSON object", file.relative),
+        )),
+        Err(e) => Err(bad(
+            &file.relative,
+            format!("`{}` is not valid JSON: {e}", file.relative),
+        )),
+    }
+}
+
+fn check_model_config(file: &ArtifactFile) -> Result<(), RegistryError> {
+    let text = serde_json::to_string(&read_json_object(file)?).unwrap_or_default();
+    ModelConfig::from_json_str(&text).map(|_| ()).map_err(|e| {
+        bad(
+            &file.relative,
+            format!("`config.json` is not a Llama config: {e}"),
+        )
+    })
+}
+
+/// A PEFT LoRA config names its type and a positive rank.
+fn check_adapter_config(file: &ArtifactFile) -> Result<(), RegistryError> {
+    let config = read_json_object(file)?;
+    let peft_type = config.get("peft_type").and_then(Value::as_str);
+    let rank = config.get("r").and_then(Value::as_u64).filter(|r| *r > 0);
+    match (peft_type, rank) {
+        (Some(_), Some(_)) => Ok(()),
+        _ => Err(bad(
+            &file.relative,
+            "`adapter_config.json` needs `peft_type` and a positive rank `r`",
+        )),
+    }
+}
+
+/// Reads a safetensors header (an 8-byte little-endian length, then JSON) without reading the
+/// tensors, and checks that every tensor's byte range lies inside the file.
+fn check_safetensors(path: &Path, shown: &str) -> Result<(), RegistryError> {
+    let corrupt = |problem: String| bad(shown, format!("`{shown}` is not safetensors: {problem}"));
+    let mut file = std::fs::File::open(path).map_err(RegistryError::io("cannot open weights"))?;
+    let size = file
+        .metadata()
+        .map_err(RegistryError::io("cannot read weights"))?
+        .len();
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .map_err(|_| corrupt(format!("{size} bytes is too short for a header")))?;
+    let header_bytes = u64::from_le_bytes(length);
+    if header_bytes > MAX_SAFETENSORS_HEADER_BYTES || header_bytes > size - 8 {
+        return Err(corrupt(format!(
+            "the header claims {header_bytes} bytes of a {size}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; usize::try_from(header_bytes).unwrap_or_default()];
+    file.read_exact(&mut header)
+        .map_err(|e| corrupt(format!("the header cannot be read: {e}")))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("the header is not a JSON object: {e}")))?;
+    let data_bytes = size - 8 - header_bytes;
+    for (name, tensor) in header.iter().filter(|(name, _)| *name != "__metadata__") {
+        let offsets = tensor
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .map(|pair| pair.iter().filter_map(Value::as_u64).collect::<Vec<_>>());
+        match offsets.as_deref() {
+            Some([start, end]) if start <= end && *end <= data_bytes => {}
+            _ => {
+                return Err(corrupt(format!(
+                    "tensor `{name}` lies outside the file's {data_bytes} data bytes"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores `files` under `prefix`; on any failure deletes what it stored and fails.
+pub async fn store_files(
+    storage: &Storage,
+    prefix: &ObjectKey,
+    files: &[ArtifactFile],
+) -> Result<(), RegistryError> {
+    let mut stored = Vec::new();
+    for file in files {
+        let result = store_file(storage, prefix, file).await;
+        match result {
+            Ok(key) => stored.push(key),
+            Err(error) => {
+                delete_all(storage, &stored).await;
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn store_file(
+    storage: &Storage,
+    prefix: &ObjectKey,
+    file: &ArtifactFile,
+) -> Result<ObjectKey, RegistryError> {
+    let key = prefix
+        .join(&file.relative)
+        .map_err(|e| bad(&file.relative, format!("unusable file name: {e}")))?;
+    let opened = tokio::fs::File::open(&file.path)
+        .await
+        .map_err(RegistryError::io("cannot reopen an unpacked file"))?;
+    storage
+        .put_stream(&key, tokio_util::io::ReaderStream::new(opened))
+        .await?;
+    Ok(key)
+}
+
+/// Downloads every object under `prefix` into `dir`, to check a folder registered in place.
+// TODO: this reads the whole artifact once; a ranged read of each safetensors header would
+// do, and matters for models of many gigabytes.
+pub async fn fetch_folder(
+    storage: &Storage,
+    prefix: &ObjectKey,
+    dir: &Path,
+) -> Result<Vec<ArtifactFile>, RegistryError> {
+    use futures::TryStreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+
+    let mut files = Vec::new();
+    for object in storage.list(prefix).await? {
+        let Some(relative) = relative_key(prefix, &object.key) else {
+            continue;
+        };
+        let key = ObjectKey::parse(&object.key)?;
+        let path = dir.join(&relative);
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(RegistryError::io("cannot make a scratch folder"))?;
+        }
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(RegistryError::io("cannot write a scratch file"))?;
+        let mut chunks = std::pin::pin!(storage.get_stream(&key).await?);
+        while let Some(chunk) = chunks.try_next().await? {
+            out.write_all(&chunk)
+                .await
+                .map_err(RegistryError::io("cannot write a scratch file"))?;
+        }
+        out.flush()
+            .await
+            .map_err(RegistryError::io("cannot write a scratch file"))?;
+        files.push(ArtifactFile { relative, path });
+    }
+    Ok(files)
+}
+
+/// The path of `key` inside the folder at `prefix`, or `None` when it is not inside it.
+pub fn relative_key(prefix: &ObjectKey, key: &str) -> Option<String> {
+    key.strip_prefix(prefix.as_str())?
+        .strip_prefix('/')
+        .filter(|rest| !rest.is_empty())
+        .map(str::to_owned)
+}
+
+/// Deletes every object under `prefix`, logging (not failing) what cannot be deleted.
+pub async fn delete_prefix(storage: &Storage, prefix: &ObjectKey) {
+    match storage.list(prefix).await {
+        Ok(objects) => {
+            let keys: Vec<ObjectKey> = objects
+                .iter()
+                .filter_map(|o| ObjectKey::parse(&o.key).ok())
+                .collect();
+            delete_all(storage, &keys).await;
+        }
+        Err(error) => {
+            tracing::warn!(object.prefix = %prefix, error = %error, "cannot list a failed upload to delete it");
+        }
+    }
+}
+
+async fn delete_all(storage: &Storage, keys: &[ObjectKey]) {
+    for key in keys {
+        if let Err(error) = storage.delete(key).await {
+            tracing::warn!(object.key = %key, error = %error, "cannot delete part of a failed upload");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> ArtifactFile {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        ArtifactFile {
+            relative: name.to_owned(),
+            path,
+        }
+    }
+
+    /// A safetensors file holding one f32 tensor of 2 elements: 8 data bytes.
+    fn safetensors(data_end: u64) -> Vec<u8> {
+        let header =
+            format!(r#"{{"w":{{"dtype":"F32","shape":[2],"data_offsets":[0,{data_end}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0u8; 8]);
+        bytes
+    }
+
+    #[test]
+    fn a_tensor_that_fits_passes_and_one_past_the_end_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let good = write(dir.path(), "good.safetensors", &safetensors(8));
+        assert!(check_safetensors(&good.path, "good.safetensors").is_ok());
+        // 9 > the 8 data bytes written after the header.
+        let bad = write(dir.path(), "bad.safetensors", &safetensors(9));
+        assert!(check_safetensors(&bad.path, "bad.safetensors").is_err());
+    }
+
+    #[test]
+    fn a_header_length_past_the_file_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut bytes = 1000u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        let file = write(dir.path(), "x.safetensors", &bytes);
+        assert!(check_safetensors(&file.path, "x.safetensors").is_err());
+    }
+
+    #[test]
+    fn an_adapter_needs_a_rank_and_its_weights() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = write(
+            dir.path(),
+            "adapter_config.json",
+            br#"{"peft_type":"LORA","r":8,"target_modules":["q_proj"]}"#,
+        );
+        assert!(check_folder(std::slice::from_ref(&config), VersionKind::Adapter).is_err());
+        let weights = write(dir.path(), "adapter_model.safetensors", &safetensors(8));
+        assert!(check_folder(&[config, weights.clone()], VersionKind::Adapter).is_ok());
+        let rankless = write(
+            dir.path(),
+            "adapter_config.json",
+            br#"{"peft_type":"LORA"}"#,
+        );
+        assert!(check_folder(&[rankless, weights], VersionKind::Adapter).is_err());
+    }
+
+    #[test]
+    fn a_model_config_that_is_not_llama_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let weights = write(dir.path(), "model.safetensors", &safetensors(8));
+        let config = write(dir.path(), "config.json", br#"{"model_type":"gpt2"}"#);
+        assert!(check_folder(&[config, weights], VersionKind::Model).is_err());
+    }
+}

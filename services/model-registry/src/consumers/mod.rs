@@ -1,0 +1,3 @@
+//! The registry's consumers.
+
+pub mod job_finished;

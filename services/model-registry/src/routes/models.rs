@@ -1,0 +1,261 @@
+//! Models and the registration of versions whose artifact is already in storage.
+
+use std::collections::BTreeMap;
+
+use actix_web::{HttpResponse, web};
+use ferrite_platform::ApiError;
+use ferrite_platform::auth::Principal;
+use ferrite_platform::storage::ObjectKey;
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{RegistryState, require_engineer};
+use crate::artifacts;
+use crate::domain::{InvalidInput, ModelName, VersionKind, VersionReference, parse_ids};
+use crate::error::RegistryError;
+use crate::store::{self, Alias, Model, ModelVersion, NewVersion};
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+/// A model with its aliases and how many versions it has.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelDetail {
+    #[serde(flatten)]
+    pub model: Model,
+    pub versions: usize,
+    pub latest_version: Option<i32>,
+    pub aliases: Vec<Alias>,
+}
+
+#[utoipa::path(post, path = "/v1/registry/models", tag = "model-registry",
+    request_body = CreateModel,
+    responses((status = 201, body = Model), (status = 409, description = "the name is taken")))]
+#[tracing::instrument(skip_all, fields(model.name = %body.name))]
+pub async fn create_model(
+    principal: Principal,
+    state: web::Data<RegistryState>,
+    body: web::Json<CreateModel>,
+) -> Result<HttpResponse, ApiError> {
+    require_engineer(&principal)?;
+    let name = ModelName::parse(&body.name).map_err(|e| RegistryError::invalid("name", e))?;
+    let mut conn = state.pool.acquire().await?;
+    let model = store::create_model(
+        &mut conn,
+        &name,
+        body.description.as_deref(),
+        &principal.name,
+    )
+    .await?;
+    tracing::info!(model.id = %model.id, "model created");
+    Ok(HttpResponse::Created().json(model))
+}
+
+#[utoipa::path(get, path = "/v1/registry/models", tag = "model-registry",
+    responses((status = 200, body = Vec<Model>)))]
+pub async fn list_models(
+    principal: Principal,
+    state: web::Data<RegistryState>,
+) -> Result<HttpResponse, ApiError> {
+    require_engineer(&principal)?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(HttpResponse::Ok().json(store::models(&mut conn).await?))
+}
+
+pub(crate) fn parse_model_name(text: &str) -> Result<ModelName, RegistryError> {
+    ModelName::parse(text).map_err(|e| RegistryError::invalid("name", e))
+}
+
+#[utoipa::path(get, path = "/v1/registry/models/{name}", tag = "model-registry",
+    responses((status = 200, body = ModelDetail), (status = 404)))]
+pub async fn get_model(
+    principal: Principal,
+    state: web::Data<RegistryState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_engineer(&principal)?;
+    let name = parse_model_name(&name)?;
+    let mut conn = state.pool.acquire().await?;
+    let model = store::model(&mut conn, &name).await?;
+    let versions = store::versions(&mut conn, model.id).await?;
+    let aliases = store::aliases(&mut conn, model.id).await?;
+    Ok(HttpResponse::Ok().json(ModelDetail {
+        versions: versions.len(),
+        latest_version: versions.last().map(|v| v.number),
+        model,
+        aliases,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/registry/models/{name}/versions", tag = "model-registry",
+    responses((status = 200, body = Vec<ModelVersion>), (status = 404)))]
+pub async fn list_versions(
+    principal: Principal,
+    state: web::Data<RegistryState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_engineer(&principal)?;
+    let name = parse_model_name(&name)?;
+    let mut conn = state.pool.acquire().await?;
+    let model = store::model(&mut conn, &name).await?;
+    Ok(HttpResponse::Ok().json(store::versions(&mut conn, model.id).await?))
+}
+
+/// What a registration says about a version's origin; shared by registration and upload.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// An adapter's base model version (any reference form).
+    pub base_version: Option<String>,
+    /// A quantised variant's source version; needs `quantization`.
+    pub source_version: Option<String>,
+    /// How the variant was quantised, e.g. `nf4`, `int8`.
+    pub quantization: Option<String>,
+    /// The version this one was trained from; defaults to the base, then the source.
+    pub parent_version: Option<String>,
+    pub source_job_id: Option<Uuid>,
+    #[serde(default)]
+    pub dataset_version_ids: Vec<String>,
+    #[serde(default)]
+    pub preference_dataset_version_ids: Vec<String>,
+    #[serde(default)]
+    pub campaign_ids: Vec<String>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterVersion {
+    /// `model`, `adapter`, `tokenizer` or `reward_model`.
+    pub kind: String,
+    /// Where the folder already is in object storage.
+    pub artifact_prefix: String,
+    #[serde(flatten)]
+    pub lineage: Lineage,
+}
+
+#[utoipa::path(post, path = "/v1/registry/models/{name}/versions", tag = "model-registry",
+    request_body = RegisterVersion,
+    responses((status = 201, body = ModelVersion), (status = 400), (status = 404)))]
+#[tracing::instrument(skip_all, fields(model.name = %name))]
+pub async fn register_version(
+    principal: Principal,
+    state: web::Data<RegistryState>,
+    name: web::Path<String>,
+    body: web::Json<RegisterVersion>,
+) -> Result<HttpResponse, ApiError> {
+    require_engineer(&principal)?;
+    let name = parse_model_name(&name)?;
+    let kind = VersionKind::parse(&body.kind).map_err(|e| RegistryError::invalid("kind", e))?;
+    let prefix = artifact_key(&body.artifact_prefix)?;
+    let scratch = tempfile::tempdir().map_err(RegistryError::io("cannot make a scratch folder"))?;
+    let files = artifacts::fetch_folder(&state.storage, &prefix, scratch.path()).await?;
+    if files.is_empty() {
+        return Err(RegistryError::BadArtifact {
+            message: format!("nothing is stored under `{}`", body.artifact_prefix),
+            param: "artifact_prefix".into(),
+        }
+        .into());
+    }
+    tokio::task::spawn_blocking(move || artifacts::check_folder(&files, kind))
+        .await
+        .map_err(|e| RegistryError::io("the artifact check failed")(std::io::Error::other(e)))??;
+
+    let mut tx = state.pool.begin().await?;
+    let model = store::model(&mut tx, &name).await?;
+    let new = new_version(
+        &mut tx,
+        kind,
+        format!("{prefix}/"),
+        &body.lineage,
+        &principal,
+    )
+    .await?;
+    let version = store::insert_version(&mut tx, &model, &new).await?;
+    tx.commit().await?;
+    Ok(HttpResponse::Created().json(version))
+}
+
+/// The object key of an artifact prefix as given (with or without its trailing `/`).
+fn artifact_key(prefix: &str) -> Result<ObjectKey, RegistryError> {
+    ObjectKey::parse(prefix.trim_end_matches('/')).map_err(|e| RegistryError::Invalid {
+        message: e.to_string(),
+        param: Some("artifact_prefix".into()),
+    })
+}
+
+/// Resolves the references in `lineage` and checks the rules that tie fields together.
+pub(crate) async fn new_version(
+    conn: &mut PgConnection,
+    kind: VersionKind,
+    artifact_prefix: String,
+    lineage: &Lineage,
+    principal: &Principal,
+) -> Result<NewVersion, RegistryError> {
+    let base = referenced(conn, "base_version", lineage.base_version.as_deref()).await?;
+    let source = referenced(conn, "source_version", lineage.source_version.as_deref()).await?;
+    let parent = referenced(conn, "parent_version", lineage.parent_version.as_deref()).await?;
+    if kind == VersionKind::Adapter && base.is_none() {
+        return Err(RegistryError::invalid(
+            "base_version",
+            InvalidInput("an adapter needs the base version it was trained on".into()),
+        ));
+    }
+    if source.is_some() != lineage.quantization.is_some() {
+        return Err(RegistryError::invalid(
+            "quantization",
+            InvalidInput(
+                "a quantised variant needs both `source_version` and `quantization`".into(),
+            ),
+        ));
+    }
+    let ids = |field: &str, texts: &[String]| {
+        parse_ids(field, texts).map_err(|e| RegistryError::invalid(field, e))
+    };
+    Ok(NewVersion {
+        kind,
+        artifact_prefix,
+        base_version_id: base,
+        source_version_id: source,
+        quantization: lineage.quantization.clone(),
+        parent_version_id: parent.or(base).or(source),
+        source_job_id: lineage.source_job_id,
+        dataset_version_ids: ids("dataset_version_ids", &lineage.dataset_version_ids)?,
+        preference_dataset_version_ids: ids(
+            "preference_dataset_version_ids",
+            &lineage.preference_dataset_version_ids,
+        )?,
+        campaign_ids: ids("campaign_ids", &lineage.campaign_ids)?,
+        metrics: lineage.metrics.clone(),
+        description: lineage.description.clone(),
+        created_by: principal.name.clone(),
+    })
+}
+
+/// The id of the version `reference` names; a reference to nothing is the caller's mistake.
+async fn referenced(
+    conn: &mut PgConnection,
+    field: &str,
+    reference: Option<&str>,
+) -> Result<Option<Uuid>, RegistryError> {
+    let Some(reference) = reference else {
+        return Ok(None);
+    };
+    let parsed =
+        VersionReference::parse(reference).map_err(|e| RegistryError::invalid(field, e))?;
+    match store::resolve(conn, &parsed).await {
+        Ok(version) => Ok(Some(version.id)),
+        Err(RegistryError::VersionNotFound(_)) => Err(RegistryError::invalid(
+            field,
+            InvalidInput(format!("the version `{reference}` does not exist")),
+        )),
+        Err(error) => Err(error),
+    }
+}
