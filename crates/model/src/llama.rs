@@ -10,7 +10,8 @@ use crate::config::ModelConfig;
 
 /// A linear map `y = x Wᵀ` as the model sees it. The dense layer implements it; a LoRA
 /// adapter wraps another projection and adds its low-rank update; an NF4 layer dequantises.
-pub trait Projection: std::fmt::Debug + Send {
+/// `Any` lets an adapter ask what it wraps (a dense weight can absorb a merge, NF4 cannot).
+pub trait Projection: std::fmt::Debug + Send + std::any::Any {
     /// Applies the map to the last dimension of `x`.
     fn forward(&self, x: &Tensor) -> Tensor;
 }
