@@ -2,6 +2,9 @@
 //!
 //! Owns the Postgres schema `training_runner` and the routes under /v1/jobs.
 
+pub mod backend;
+pub mod kubernetes;
+
 use std::sync::Arc;
 
 use ferrite_platform::app::Mounted;
