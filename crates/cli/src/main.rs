@@ -1,7 +1,10 @@
 //! The `ferrite` command.
 
+mod demo;
+mod pipeline;
 mod up;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,48 @@ enum Command {
         #[arg(long, env = "FERRITE_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// Run the bundled pipeline on real data, answer a chat request and write the report.
+    Demo {
+        /// The `tiny` preset on small slices (about five minutes on two cores).
+        #[arg(long)]
+        quick: bool,
+        /// Run this pipeline file instead of examples/demo.yaml.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Where Ferrite answers, or where the demo starts it when nothing does.
+        #[arg(long, env = "FERRITE_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A token for an already running Ferrite (engineer or admin).
+        #[arg(long, env = "FERRITE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Where run states and reports are kept.
+        #[arg(long, default_value = ".ferrite/runs")]
+        runs_dir: PathBuf,
+    },
+    /// Check or run a pipeline file.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Check a pipeline file without running anything; every problem names its line.
+    Check { file: PathBuf },
+    /// Run a pipeline through a running Ferrite, resuming what an earlier run left unfinished.
+    Run {
+        file: PathBuf,
+        /// Base URL of the running Ferrite.
+        #[arg(long, env = "FERRITE_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A bearer token with the engineer or admin role.
+        #[arg(long, env = "FERRITE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where run states and reports are kept.
+        #[arg(long, default_value = ".ferrite/runs")]
+        runs_dir: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -41,5 +86,56 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Demo {
+            quick,
+            file,
+            url,
+            token,
+            runs_dir,
+        } => {
+            let options = demo::DemoOptions {
+                quick,
+                file,
+                url,
+                token,
+                runs_dir,
+            };
+            report_failure("ferrite demo", demo::run(options).await)
+        }
+        Command::Pipeline { command } => {
+            report_failure("ferrite pipeline", run_pipeline(command).await)
+        }
+    }
+}
+
+async fn run_pipeline(command: PipelineCommand) -> anyhow::Result<()> {
+    match command {
+        PipelineCommand::Check { file } => pipeline::check(&file).map(|_| ()),
+        PipelineCommand::Run {
+            file,
+            url,
+            token,
+            runs_dir,
+        } => {
+            let options = pipeline::RunOptions {
+                url,
+                token,
+                runs_dir,
+                poll: pipeline::POLL,
+            };
+            let report = pipeline::run(&file, &options).await?;
+            eprintln!("report: {}", report.display());
+            Ok(())
+        }
+    }
+}
+
+fn report_failure(command: &str, outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{command}: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
