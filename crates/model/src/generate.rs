@@ -45,6 +45,56 @@ pub enum GenerateError {
 pub trait TextDecoder {
     /// The text of `ids`, special tokens skipped, incomplete UTF-8 as U+FFFD.
     fn decode(&self, ids: &[u32]) -> String;
+
+    /// A decoder fed one id at a time. The default decodes the whole output again on every
+    /// id (quadratic in its length), which suits small test decoders; real tokenizers
+    /// override it with one that keeps only the bytes of an unfinished character.
+    fn incremental(&self) -> Box<dyn IncrementalDecoder + '_> {
+        Box::new(Redecode {
+            decoder: self,
+            ids: Vec::new(),
+            emitted: 0,
+        })
+    }
+}
+
+/// Text of a growing id sequence, delivered as deltas.
+pub trait IncrementalDecoder {
+    /// Adds one id; returns the text it completes (possibly empty), never half a character.
+    fn push(&mut self, id: u32) -> String;
+    /// Ends the sequence: bytes still held can no longer form a character and come out as
+    /// U+FFFD, as a full decode would show them.
+    fn finish(&mut self) -> String;
+}
+
+/// The fallback [`IncrementalDecoder`]: decodes everything so far and returns what is new.
+struct Redecode<'a, D: ?Sized> {
+    decoder: &'a D,
+    ids: Vec<u32>,
+    /// Bytes of the stable decoded text already returned.
+    emitted: usize,
+}
+
+impl<D: TextDecoder + ?Sized> IncrementalDecoder for Redecode<'_, D> {
+    fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let text = self.decoder.decode(&self.ids);
+        // A trailing U+FFFD may be a character still arriving; hold it until the next id.
+        let stable = text.trim_end_matches('\u{FFFD}').len();
+        let delta = text
+            .get(self.emitted..stable)
+            .unwrap_or_default()
+            .to_string();
+        self.emitted = stable.max(self.emitted);
+        delta
+    }
+
+    fn finish(&mut self) -> String {
+        let text = self.decoder.decode(&self.ids);
+        let rest = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        rest
+    }
 }
 
 impl TextDecoder for Tokenizer {
@@ -58,6 +108,21 @@ impl TextDecoder for Tokenizer {
             .filter(|&id| (id as usize) < size)
             .collect();
         Tokenizer::decode(self, &known, true).unwrap_or_default()
+    }
+
+    fn incremental(&self) -> Box<dyn IncrementalDecoder + '_> {
+        Box::new(self.stream_decoder(true))
+    }
+}
+
+impl IncrementalDecoder for crate::tokenizer::StreamDecoder {
+    fn push(&mut self, id: u32) -> String {
+        // An id past the tokenizer (a padded embedding row) has no text.
+        crate::tokenizer::StreamDecoder::push(self, id).unwrap_or_default()
+    }
+
+    fn finish(&mut self) -> String {
+        crate::tokenizer::StreamDecoder::finish(self)
     }
 }
 
@@ -176,14 +241,16 @@ pub struct Completion {
     pub logprobs: Vec<TokenLogprob>,
 }
 
-#[derive(Debug)]
-struct Sequence {
+struct Sequence<'m> {
     id: SequenceId,
     params: SamplingParams,
     rng: Rng,
     generated: Vec<u32>,
+    /// Turns each new token into text without decoding the whole output again.
+    decoder: Box<dyn IncrementalDecoder + 'm>,
     /// Bytes of the decoded text already released to the caller.
     released: usize,
+    /// Every complete character decoded so far (stop strings included until one is found).
     text: String,
     logprobs: Vec<TokenLogprob>,
     /// Logits for this sequence's next token, from the last forward pass.
@@ -200,7 +267,7 @@ pub struct Batch<'m> {
     /// `[rows, cached]`, 1 where a cached position is a real token.
     mask: Option<Tensor>,
     padded: bool,
-    sequences: Vec<Sequence>,
+    sequences: Vec<Sequence<'m>>,
     completions: Vec<(SequenceId, Completion)>,
     next_id: SequenceId,
 }
@@ -310,6 +377,7 @@ impl<'m> Batch<'m> {
                 params: params.clone(),
                 rng: Rng::seed(params.seed),
                 generated: Vec::new(),
+                decoder: self.decoder.incremental(),
                 released: 0,
                 text: String::new(),
                 logprobs: Vec::new(),
@@ -345,12 +413,7 @@ impl<'m> Batch<'m> {
     /// Samples one token for every sequence, returns what each produced, drops the finished
     /// ones and runs the forward pass that prepares the next step.
     pub fn step(&mut self) -> Vec<StepOutput> {
-        let decoder = self.decoder;
-        let outputs: Vec<StepOutput> = self
-            .sequences
-            .iter_mut()
-            .map(|sequence| sequence.advance(decoder))
-            .collect();
+        let outputs: Vec<StepOutput> = self.sequences.iter_mut().map(Sequence::advance).collect();
 
         let keep: Vec<i64> = outputs
             .iter()
@@ -376,6 +439,20 @@ impl<'m> Batch<'m> {
             self.decode_forward();
         }
         outputs
+    }
+
+    /// Drops running sequences whose caller no longer wants them; unknown ids are ignored.
+    pub fn remove(&mut self, ids: &[SequenceId]) {
+        let keep: Vec<i64> = self
+            .sequences
+            .iter()
+            .enumerate()
+            .filter(|(_, sequence)| !ids.contains(&sequence.id))
+            .map(|(row, _)| row as i64)
+            .collect();
+        if keep.len() < self.sequences.len() {
+            self.retain_rows(&keep);
+        }
     }
 
     fn retain_rows(&mut self, keep: &[i64]) {
@@ -474,12 +551,9 @@ fn rows_to_vecs(logits: &Tensor) -> Vec<Vec<f32>> {
         .collect()
 }
 
-impl Sequence {
+impl Sequence<'_> {
     /// Samples the next token, updates the text and decides whether the sequence is done.
-    // TODO: the whole generation is decoded again every step (quadratic in its length); fine
-    // for hundreds of tokens, wasteful for long outputs. An incremental decoder that keeps
-    // a byte offset would make it linear.
-    fn advance(&mut self, decoder: &dyn TextDecoder) -> StepOutput {
+    fn advance(&mut self) -> StepOutput {
         let token = sample(&self.next_logits, &self.params, &mut self.rng);
         let logprob = self
             .params
@@ -491,33 +565,35 @@ impl Sequence {
         self.generated.push(token);
 
         let stop_token = self.params.stop_token_ids.contains(&token);
-        let text_tokens = if stop_token {
-            &self.generated[..self.generated.len() - 1]
-        } else {
-            &self.generated[..]
-        };
-        let text = decoder.decode(text_tokens);
-        let (release_to, finished) = match find_stop(&text, &self.params.stop, self.released) {
+        let length = self.generated.len() >= self.params.max_tokens;
+        if !stop_token {
+            let piece = self.decoder.push(token);
+            self.text.push_str(&piece);
+        }
+        if stop_token || length {
+            // Nothing follows, so a character still incomplete never will be.
+            let rest = self.decoder.finish();
+            self.text.push_str(&rest);
+        }
+
+        let (release_to, finished) = match find_stop(&self.text, &self.params.stop, self.released) {
             Some(stop_at) => (stop_at, Some(FinishReason::Stop)),
-            None if stop_token => (text.len(), Some(FinishReason::Stop)),
-            None if self.generated.len() >= self.params.max_tokens => {
-                (text.len(), Some(FinishReason::Length))
-            }
+            None if stop_token => (self.text.len(), Some(FinishReason::Stop)),
+            None if length => (self.text.len(), Some(FinishReason::Length)),
             None => (
-                safe_release_point(&text, &self.params.stop, self.released),
+                hold_back_stop_prefix(&self.text, &self.params.stop, self.released),
                 None,
             ),
         };
-        let text_delta = text
+        let text_delta = self
+            .text
             .get(self.released..release_to)
             .unwrap_or_default()
             .to_string();
         self.released = release_to.max(self.released);
-        self.text = if finished.is_some() {
-            text.get(..release_to).unwrap_or_default().to_string()
-        } else {
-            text
-        };
+        if finished.is_some() {
+            self.text.truncate(release_to);
+        }
         StepOutput {
             sequence: self.id,
             token,
@@ -546,59 +622,53 @@ fn find_stop(text: &str, stops: &[String], released: usize) -> Option<usize> {
         .map(|at| at.max(released))
 }
 
-/// How far text may be released: not into a trailing incomplete character (decoded as
-/// U+FFFD) and not into a tail that a stop string begins with.
-fn safe_release_point(text: &str, stops: &[String], released: usize) -> usize {
-    let stable = text.trim_end_matches('\u{FFFD}').len();
-    let stable_text = &text[..stable];
-    let held = (released..stable)
-        .filter(|&start| stable_text.is_char_boundary(start))
+/// How far text may be released: not into a tail that a stop string begins with. The
+/// decoder already holds back incomplete characters, so all of `text` is whole characters.
+fn hold_back_stop_prefix(text: &str, stops: &[String], released: usize) -> usize {
+    if stops.is_empty() {
+        return text.len().max(released);
+    }
+    // Only the last (longest stop - 1) bytes can be the start of a stop string.
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let from = text.len().saturating_sub(longest).max(released);
+    let held = (from..text.len())
+        .filter(|&start| text.is_char_boundary(start))
         .find(|&start| {
-            let tail = &stable_text[start..];
+            let tail = &text[start..];
             stops.iter().any(|stop| stop.starts_with(tail))
         });
-    held.unwrap_or(stable).max(released)
+    held.unwrap_or(text.len()).max(released)
 }
 
 /// Picks the next token from raw logits according to `params`.
-// TODO: sampling sorts the whole vocabulary on the CPU every token (O(V log V)); a partial
-// selection for top-k, or sampling on the device, would matter for 100k+ vocabularies.
+///
+/// Only the candidates a filter can keep are ever sorted: top-k selects its k in linear time,
+/// and top-p grows a partially selected head until it holds the nucleus (for a peaked
+/// distribution, a few dozen tokens of a vocabulary of 50k).
 fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
-    if params.temperature == 0.0 {
+    if params.temperature == 0.0 || params.top_k == Some(1) {
         return argmax(logits);
     }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Unnormalised probabilities after temperature, shifted by the maximum for stability.
     let mut candidates: Vec<(u32, f64)> = logits
         .iter()
         .enumerate()
-        .map(|(id, &logit)| (id as u32, f64::from(logit) / params.temperature))
+        .map(|(id, &logit)| {
+            (
+                id as u32,
+                (f64::from(logit - max) / params.temperature).exp(),
+            )
+        })
         .collect();
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
     if let Some(k) = params.top_k {
-        candidates.truncate(k.max(1));
-    }
-
-    // Softmax over the survivors, shifted by the maximum for stability.
-    let max = candidates.first().map_or(0.0, |c| c.1);
-    let mut total = 0.0;
-    for candidate in &mut candidates {
-        candidate.1 = (candidate.1 - max).exp();
-        total += candidate.1;
+        keep_most_likely(&mut candidates, k);
     }
     if let Some(p) = params.top_p {
-        // Nucleus: the shortest most-likely prefix whose mass reaches p.
-        let mut mass = 0.0;
-        let mut keep = candidates.len();
-        for (index, candidate) in candidates.iter().enumerate() {
-            mass += candidate.1 / total;
-            if mass >= p {
-                keep = index + 1;
-                break;
-            }
-        }
-        candidates.truncate(keep);
-        total = candidates.iter().map(|c| c.1).sum();
+        keep_nucleus(&mut candidates, p);
     }
 
+    let total: f64 = candidates.iter().map(|c| c.1).sum();
     let mut threshold = rng.next_f64() * total;
     for &(id, weight) in &candidates {
         threshold -= weight;
@@ -608,6 +678,41 @@ fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     }
     // Rounding can leave a sliver past the last candidate; it belongs to the last one.
     candidates.last().map_or(0, |c| c.0)
+}
+
+/// Keeps the `k` heaviest candidates, heaviest first, in O(V + k log k).
+fn keep_most_likely(candidates: &mut Vec<(u32, f64)>, k: usize) {
+    let k = k.clamp(1, candidates.len().max(1));
+    if k < candidates.len() {
+        candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        candidates.truncate(k);
+    }
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+}
+
+/// Keeps the shortest heaviest-first prefix whose share of the mass reaches `p`.
+fn keep_nucleus(candidates: &mut Vec<(u32, f64)>, p: f64) {
+    let total: f64 = candidates.iter().map(|c| c.1).sum();
+    let mut head = 64.min(candidates.len());
+    loop {
+        // Select and sort a head only; the nucleus is usually far smaller than the vocabulary.
+        if head < candidates.len() {
+            candidates.select_nth_unstable_by(head - 1, |a, b| b.1.total_cmp(&a.1));
+        }
+        candidates[..head].sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut mass = 0.0;
+        for (index, candidate) in candidates[..head].iter().enumerate() {
+            mass += candidate.1 / total;
+            if mass >= p {
+                candidates.truncate(index + 1);
+                return;
+            }
+        }
+        if head == candidates.len() {
+            return;
+        }
+        head = (head * 4).min(candidates.len());
+    }
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -689,6 +794,7 @@ mod tests {
             rng: Rng::seed(params.seed),
             params,
             generated: Vec::new(),
+            decoder: Bytes.incremental(),
             released: 0,
             text: String::new(),
             logprobs: Vec::new(),
@@ -700,7 +806,7 @@ mod tests {
             let mut logits = vec![0.0f32; 256];
             logits[token as usize] = 100.0;
             sequence.next_logits = logits;
-            let output = sequence.advance(&Bytes);
+            let output = sequence.advance();
             deltas.push(output.text_delta);
             if output.finished.is_some() {
                 return (deltas, sequence.text, output.finished);
@@ -798,6 +904,52 @@ mod tests {
         // ±0.04 (about 3.7 standard deviations).
         let share = draws.iter().filter(|&&t| t == 0).count() as f64 / 2000.0;
         assert!((share - 0.625).abs() < 0.04, "{share}");
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_the_k_largest_as_a_full_sort_would() {
+        // 1000 distinct weights in a scrambled order (37 is coprime with 1000): the 5 largest
+        // are the ids whose weight is 995..999, whatever order selection leaves them in.
+        let mut candidates: Vec<(u32, f64)> = (0..1000u32)
+            .map(|id| (id, f64::from((id * 37) % 1000)))
+            .collect();
+        keep_most_likely(&mut candidates, 5);
+        let weights: Vec<f64> = candidates.iter().map(|c| c.1).collect();
+        assert_eq!(weights, [999.0, 998.0, 997.0, 996.0, 995.0]);
+    }
+
+    #[test]
+    fn the_nucleus_grows_past_the_first_selected_head_when_mass_is_spread() {
+        // 200 equal weights: p = 0.5 needs exactly 100 of them, more than the first head of 64.
+        let mut candidates: Vec<(u32, f64)> = (0..200u32).map(|id| (id, 1.0)).collect();
+        keep_nucleus(&mut candidates, 0.5);
+        assert_eq!(candidates.len(), 100);
+    }
+
+    #[test]
+    fn a_stop_string_longer_than_the_text_so_far_holds_all_of_it() {
+        // "ab" could still become "abc": nothing is released yet.
+        assert_eq!(hold_back_stop_prefix("ab", &["abc".to_string()], 0), 0);
+        // "xa" can only grow into "abc" from the "a": the "x" is released.
+        assert_eq!(hold_back_stop_prefix("xa", &["abc".to_string()], 0), 1);
+    }
+
+    #[test]
+    fn the_tokenizer_decodes_incrementally_to_what_a_full_decode_gives() {
+        use crate::tokenizer::TrainConfig;
+        let text = "héllo wörld 😀 héllo";
+        let config = TrainConfig {
+            vocab_size: 300,
+            min_frequency: 1,
+        };
+        let tokenizer = Tokenizer::train(&config, [text].into_iter()).expect("trains");
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        let mut incremental = TextDecoder::incremental(&tokenizer);
+        let mut pieces: Vec<String> = ids.iter().map(|&id| incremental.push(id)).collect();
+        pieces.push(incremental.finish());
+        assert!(pieces.iter().all(|piece| !piece.contains('\u{FFFD}')));
+        assert_eq!(pieces.concat(), TextDecoder::decode(&tokenizer, &ids));
+        assert_eq!(pieces.concat(), text);
     }
 
     #[test]

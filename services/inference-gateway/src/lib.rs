@@ -1,19 +1,60 @@
 //! Inference gateway: OpenAI-compatible serving of registered models.
 //!
-//! Owns the Postgres schema `inference_gateway` and the routes under /v1/models, /v1/completions, /v1/chat/completions, /v1/deployments.
+//! Owns the Postgres schema `inference_gateway` and the routes under /v1/models,
+//! /v1/completions, /v1/chat/completions and /v1/deployments. A deployment is a model registry
+//! version loaded into an in-process [`engine`]; requests are routed by their `model` name.
 
+pub mod deployments;
+pub mod engine;
+pub mod metrics;
+pub mod openai;
+pub mod routes;
+pub mod store;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use actix_web::web;
 use ferrite_platform::app::Mounted;
 use ferrite_platform::{ServiceContext, ServiceModule};
+use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+
+use crate::deployments::{Deployments, Loader};
+
+/// Sequences one engine steps together; more wait in its queue.
+const MAX_BATCH_SEQUENCES: usize = 8;
 
 /// The service, ready to mount in its own binary or in `ferrite up`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct InferenceGateway;
 
+/// What every route of the gateway shares.
+pub struct Gateway {
+    pub deployments: Arc<Deployments>,
+    pub pool: PgPool,
+    pub loader: Loader,
+}
+
 #[derive(utoipa::OpenApi)]
-#[openapi(tags((name = "inference-gateway", description = "Inference gateway: OpenAI-compatible serving of registered models.")))]
+#[openapi(
+    paths(
+        routes::openai::list_models,
+        routes::openai::get_model,
+        routes::openai::completions,
+        routes::openai::chat_completions,
+        routes::deployments::create,
+        routes::deployments::list,
+        routes::deployments::get,
+        routes::deployments::delete,
+    ),
+    components(schemas(
+        routes::deployments::CreateDeployment,
+        store::DeploymentRecord,
+        openai::response::Usage,
+    )),
+    tags((name = "inference-gateway", description = "Inference gateway: OpenAI-compatible serving of registered models."))
+)]
 struct Api;
 
 #[async_trait::async_trait]
@@ -27,15 +68,83 @@ impl ServiceModule for InferenceGateway {
     }
 
     fn migrator(&self) -> Option<Migrator> {
-        None
+        Some(sqlx::migrate!("../../migrations/inference_gateway"))
     }
 
-    async fn mount(&self, _ctx: ServiceContext) -> anyhow::Result<Mounted> {
-        // TODO: the resource routes (/v1/models, /v1/completions, /v1/chat/completions, /v1/deployments) arrive with this service's issue; until then
-        // the service serves only the operational routes every process has.
-        Ok(Mounted::routes(
-            Arc::new(|_| {}),
-            <Api as utoipa::OpenApi>::openapi(),
-        ))
+    async fn mount(&self, ctx: ServiceContext) -> anyhow::Result<Mounted> {
+        let cache_dir = cache_dir_for(ctx.settings.worker.scratch_dir.clone());
+        let gateway = web::Data::new(Gateway {
+            deployments: Arc::new(Deployments::default()),
+            pool: ctx.pool.clone(),
+            loader: Loader {
+                storage: ctx.storage.clone(),
+                peers: ctx.peers.clone(),
+                metrics: ctx.metrics.clone(),
+                cache_dir,
+                max_batch_sequences: MAX_BATCH_SEQUENCES,
+            },
+        });
+        let reload = Box::pin(reload(gateway.clone().into_inner()));
+        Ok(Mounted {
+            routes: Arc::new(move |cfg| {
+                cfg.app_data(gateway.clone())
+                    .route("/v1/models", web::get().to(routes::openai::list_models))
+                    .route(
+                        "/v1/models/{model}",
+                        web::get().to(routes::openai::get_model),
+                    )
+                    .route(
+                        "/v1/completions",
+                        web::post().to(routes::openai::completions),
+                    )
+                    .route(
+                        "/v1/chat/completions",
+                        web::post().to(routes::openai::chat_completions),
+                    )
+                    .route(
+                        "/v1/deployments",
+                        web::post().to(routes::deployments::create),
+                    )
+                    .route("/v1/deployments", web::get().to(routes::deployments::list))
+                    .route(
+                        "/v1/deployments/{name}",
+                        web::get().to(routes::deployments::get),
+                    )
+                    .route(
+                        "/v1/deployments/{name}",
+                        web::delete().to(routes::deployments::delete),
+                    );
+            }),
+            openapi: <Api as utoipa::OpenApi>::openapi(),
+            consumers: Vec::new(),
+            tasks: vec![reload],
+        })
     }
+}
+
+/// Loads every recorded deployment again, one after another, from object storage alone.
+/// A deployment that fails to load is logged and left recorded, so deleting it still works.
+async fn reload(gateway: Arc<Gateway>) -> anyhow::Result<()> {
+    let records = store::list(&gateway.pool, None).await?;
+    for record in records {
+        let name = record.name.clone();
+        let metrics = gateway
+            .deployments
+            .metrics_for(&gateway.loader.metrics, &name);
+        match gateway.loader.load(record, metrics).await {
+            Ok(deployment) => gateway.deployments.insert(deployment),
+            Err(error) => {
+                tracing::error!(deployment = %name, error = %ferrite_platform::error::ErrorChain(&error), "cannot reload deployment");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The folder deployments' artifacts are copied into (the worker scratch folder's, or the
+/// system temp folder's).
+fn cache_dir_for(scratch: Option<PathBuf>) -> PathBuf {
+    scratch
+        .unwrap_or_else(std::env::temp_dir)
+        .join("ferrite-gateway-models")
 }

@@ -1,0 +1,459 @@
+//! OpenAI request bodies, read field by field so every refusal names the field at fault, and
+//! turned into token ids plus one set of sampling parameters per choice.
+
+use ferrite_model::generate::SamplingParams;
+use ferrite_model::tokenizer::{ChatMessage, Role};
+use ferrite_platform::ApiError;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::engine::ModelInfo;
+
+/// Why a request was refused before generation started.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the body is not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("the body must be a JSON object")]
+    NotAnObject,
+    #[error("`{0}` is required")]
+    Missing(&'static str),
+    #[error("{message}")]
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error(
+        "this model's maximum context length is {limit} tokens; the request has {prompt} \
+         prompt tokens and asks for {completion} more ({total} in all)"
+    )]
+    ContextLength {
+        param: &'static str,
+        limit: usize,
+        prompt: usize,
+        completion: usize,
+        total: usize,
+    },
+    #[error("the model `{0}` has no chat template")]
+    NoChatTemplate(String),
+    #[error("cannot tokenize the prompt: {0}")]
+    Tokenize(#[source] ferrite_model::tokenizer::TokenizerError),
+}
+
+impl From<RequestError> for ApiError {
+    fn from(error: RequestError) -> Self {
+        let message = error.to_string();
+        match error {
+            RequestError::Json(_) | RequestError::NotAnObject => {
+                ApiError::invalid_request("invalid_json", message)
+            }
+            RequestError::Missing(param) => {
+                ApiError::invalid_request("missing_field", message).with_param(param)
+            }
+            RequestError::Invalid { param, .. } => {
+                ApiError::invalid_request("invalid_value", message).with_param(param)
+            }
+            RequestError::ModelNotFound(name) => {
+                ApiError::not_found("model", &name).with_param("model")
+            }
+            RequestError::ContextLength { param, .. } => {
+                ApiError::invalid_request("context_length_exceeded", message).with_param(param)
+            }
+            RequestError::NoChatTemplate(_) => {
+                ApiError::invalid_request("chat_template_missing", message).with_param("model")
+            }
+            RequestError::Tokenize(source) => ApiError::internal(&source),
+        }
+    }
+}
+
+/// How log-probabilities are asked for and reported: the two endpoints differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsFormat {
+    None,
+    /// `/v1/completions`: `logprobs: k` alternatives per position.
+    Completion,
+    /// `/v1/chat/completions`: `logprobs: true` with `top_logprobs: k`.
+    Chat,
+}
+
+/// A request body as a JSON object, with typed access to its fields.
+#[derive(Debug)]
+pub struct Body(Map<String, Value>);
+
+impl Body {
+    /// Parses bytes that must hold one JSON object.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
+        match serde_json::from_slice(bytes).map_err(RequestError::Json)? {
+            Value::Object(map) => Ok(Self(map)),
+            _ => Err(RequestError::NotAnObject),
+        }
+    }
+
+    /// The field as `T`; absent and `null` are both `None`.
+    fn get<T: DeserializeOwned>(
+        &self,
+        param: &'static str,
+        expected: &str,
+    ) -> Result<Option<T>, RequestError> {
+        match self.0.get(param) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => T::deserialize(value)
+                .map(Some)
+                .map_err(|_| invalid(param, format!("`{param}` must be {expected}, got {value}"))),
+        }
+    }
+
+    /// The deployment name clients put in `model`.
+    pub fn model(&self) -> Result<String, RequestError> {
+        self.get::<String>("model", "a string")?
+            .ok_or(RequestError::Missing("model"))
+    }
+
+    pub fn stream(&self) -> Result<bool, RequestError> {
+        Ok(self.get("stream", "a boolean")?.unwrap_or(false))
+    }
+
+    /// `stream_options.include_usage`.
+    pub fn include_usage(&self) -> Result<bool, RequestError> {
+        let Some(options) = self.get::<Map<String, Value>>("stream_options", "an object")? else {
+            return Ok(false);
+        };
+        match options.get("include_usage") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(include)) => Ok(*include),
+            Some(other) => Err(invalid(
+                "stream_options",
+                format!("`stream_options.include_usage` must be a boolean, got {other}"),
+            )),
+        }
+    }
+
+    /// `max_tokens` (or chat's newer `max_completion_tokens`): a whole number of at least 1.
+    fn max_tokens(&self) -> Result<Option<usize>, RequestError> {
+        for param in ["max_completion_tokens", "max_tokens"] {
+            if let Some(value) = self.0.get(param).filter(|value| !value.is_null()) {
+                let param = if param == "max_tokens" {
+                    "max_tokens"
+                } else {
+                    "max_completion_tokens"
+                };
+                return match value.as_u64() {
+                    Some(count) if count >= 1 => {
+                        Ok(Some(usize::try_from(count).unwrap_or(usize::MAX)))
+                    }
+                    _ => Err(invalid(
+                        param,
+                        format!("`{param}` must be an integer of at least 1, got {value}"),
+                    )),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    /// The completion endpoint's prompt: a string, or a list holding one string.
+    pub fn prompt(&self) -> Result<String, RequestError> {
+        let value = self
+            .0
+            .get("prompt")
+            .ok_or(RequestError::Missing("prompt"))?;
+        let text = match value {
+            Value::String(text) => text.clone(),
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_owned()
+            }
+            // TODO: batched prompts (a list of several) and token-id prompts are refused;
+            // clients that send them get a 400 instead of several choices.
+            _ => {
+                return Err(invalid(
+                    "prompt",
+                    "`prompt` must be a string (or a list of exactly one string)".to_string(),
+                ));
+            }
+        };
+        if text.is_empty() {
+            return Err(invalid("prompt", "`prompt` is empty".to_string()));
+        }
+        Ok(text)
+    }
+
+    /// The chat endpoint's conversation.
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, RequestError> {
+        let messages: Vec<Value> = self
+            .get("messages", "a list of messages")?
+            .ok_or(RequestError::Missing("messages"))?;
+        if messages.is_empty() {
+            return Err(invalid("messages", "`messages` is empty".to_string()));
+        }
+        messages
+            .iter()
+            .enumerate()
+            .map(|(index, message)| chat_message(index, message))
+            .collect()
+    }
+
+    /// Sampling for each of the `n` choices, checked against the model's context.
+    pub fn sampling(
+        &self,
+        format: LogprobsFormat,
+        info: &ModelInfo,
+        prompt_tokens: usize,
+    ) -> Result<Vec<SamplingParams>, RequestError> {
+        let limit = info.context_length;
+        let prompt_param = match format {
+            LogprobsFormat::Chat => "messages",
+            _ => "prompt",
+        };
+        let max_tokens = match (self.max_tokens()?, format) {
+            (Some(count), _) => count,
+            // The chat API's default is the rest of the context; the legacy API's is 16.
+            (None, LogprobsFormat::Chat) => limit.saturating_sub(prompt_tokens).max(1),
+            (None, _) => 16,
+        };
+        if prompt_tokens + max_tokens > limit {
+            return Err(RequestError::ContextLength {
+                param: prompt_param,
+                limit,
+                prompt: prompt_tokens,
+                completion: max_tokens,
+                total: prompt_tokens + max_tokens,
+            });
+        }
+
+        let (logprobs, top_logprobs) = self.logprobs(format)?;
+        let base = SamplingParams {
+            max_tokens,
+            temperature: self.bounded("temperature", 0.0, 2.0)?.unwrap_or(1.0),
+            top_p: self.top_p()?,
+            top_k: self.top_k()?,
+            seed: 0,
+            stop: self.stop()?,
+            stop_token_ids: info.tokenizer.stop_ids(),
+            logprobs,
+            top_logprobs,
+        };
+        self.get::<String>("user", "a string")?;
+        let n = self.n()?;
+        let seed = match self.get::<i64>("seed", "an integer")? {
+            Some(seed) => seed as u64,
+            None => uuid::Uuid::new_v4().as_u64_pair().0,
+        };
+        // Choice i draws from seed + i: distinct choices, and the same seed repeats them all.
+        Ok((0..n)
+            .map(|index| SamplingParams {
+                seed: seed.wrapping_add(index as u64),
+                ..base.clone()
+            })
+            .collect())
+    }
+
+    fn bounded(
+        &self,
+        param: &'static str,
+        low: f64,
+        high: f64,
+    ) -> Result<Option<f64>, RequestError> {
+        let value = self.get::<f64>(param, "a number")?;
+        match value {
+            Some(v) if !(low..=high).contains(&v) => Err(invalid(
+                param,
+                format!("`{param}` must lie in [{low}, {high}], got {v}"),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    fn top_p(&self) -> Result<Option<f64>, RequestError> {
+        match self.bounded("top_p", 0.0, 1.0)? {
+            Some(p) if p <= 0.0 => Err(invalid("top_p", "`top_p` must be above 0".to_string())),
+            // 1 keeps everything, the same as no filter.
+            Some(p) if p >= 1.0 => Ok(None),
+            other => Ok(other),
+        }
+    }
+
+    /// `top_k`: at least 1; -1 (as other servers accept) or 0 means no limit.
+    fn top_k(&self) -> Result<Option<usize>, RequestError> {
+        match self.get::<i64>("top_k", "an integer")? {
+            None | Some(-1) | Some(0) => Ok(None),
+            Some(k) if k > 0 => Ok(Some(usize::try_from(k).unwrap_or(usize::MAX))),
+            Some(k) => Err(invalid(
+                "top_k",
+                format!("`top_k` must be -1 or at least 1, got {k}"),
+            )),
+        }
+    }
+
+    fn n(&self) -> Result<usize, RequestError> {
+        match self.get::<u64>("n", "an integer")? {
+            None => Ok(1),
+            Some(n @ 1..=MAX_CHOICES) => Ok(n as usize),
+            Some(n) => Err(invalid(
+                "n",
+                format!("`n` must lie in [1, {MAX_CHOICES}], got {n}"),
+            )),
+        }
+    }
+
+    fn stop(&self) -> Result<Vec<String>, RequestError> {
+        let stops = match self.0.get("stop") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(stop)) => vec![stop.clone()],
+            Some(_) => self
+                .get::<Vec<String>>("stop", "a string or a list of strings")?
+                .unwrap_or_default(),
+        };
+        if stops.len() > MAX_STOPS {
+            return Err(invalid(
+                "stop",
+                format!("`stop` holds at most {MAX_STOPS} strings"),
+            ));
+        }
+        if stops.iter().any(String::is_empty) {
+            return Err(invalid("stop", "`stop` holds an empty string".to_string()));
+        }
+        Ok(stops)
+    }
+
+    fn logprobs(&self, format: LogprobsFormat) -> Result<(bool, usize), RequestError> {
+        match format {
+            LogprobsFormat::Completion | LogprobsFormat::None => {
+                match self.get::<u64>("logprobs", "an integer from 0 to 5")? {
+                    None => Ok((false, 0)),
+                    Some(top @ 0..=5) => Ok((true, top as usize)),
+                    Some(top) => Err(invalid(
+                        "logprobs",
+                        format!("`logprobs` must lie in [0, 5], got {top}"),
+                    )),
+                }
+            }
+            LogprobsFormat::Chat => {
+                let wanted = self.get::<bool>("logprobs", "a boolean")?.unwrap_or(false);
+                match self.get::<u64>("top_logprobs", "an integer from 0 to 20")? {
+                    None => Ok((wanted, 0)),
+                    Some(_) if !wanted => Err(invalid(
+                        "top_logprobs",
+                        "`top_logprobs` needs `logprobs: true`".to_string(),
+                    )),
+                    Some(top @ 0..=20) => Ok((true, top as usize)),
+                    Some(top) => Err(invalid(
+                        "top_logprobs",
+                        format!("`top_logprobs` must lie in [0, 20], got {top}"),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// Most choices one request may ask for.
+const MAX_CHOICES: u64 = 8;
+/// Most stop strings one request may give, as OpenAI allows.
+const MAX_STOPS: usize = 4;
+
+fn invalid(param: &'static str, message: String) -> RequestError {
+    RequestError::Invalid { param, message }
+}
+
+/// One message: a role this template knows and text content (a string or text parts).
+fn chat_message(index: usize, message: &Value) -> Result<ChatMessage, RequestError> {
+    let bad = |what: String| invalid("messages", format!("`messages[{index}]` {what}"));
+    let role = match message.get("role").and_then(Value::as_str) {
+        Some("system" | "developer") => Role::System,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some(other) => return Err(bad(format!("has the unsupported role `{other}`"))),
+        None => return Err(bad("has no `role`".to_string())),
+    };
+    let content = match message.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|part| match (part.get("type"), part.get("text")) {
+                (Some(Value::String(kind)), Some(Value::String(text))) if kind == "text" => {
+                    Ok(text.as_str())
+                }
+                _ => Err(bad("has a content part that is not text".to_string())),
+            })
+            .collect::<Result<Vec<&str>, _>>()?
+            .concat(),
+        _ => return Err(bad("has no text `content`".to_string())),
+    };
+    Ok(ChatMessage::new(role, content))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Body {
+        Body::parse(json.as_bytes()).expect("an object")
+    }
+
+    fn refused_param(result: Result<impl std::fmt::Debug, RequestError>) -> &'static str {
+        match result {
+            Err(RequestError::Invalid { param, .. }) => param,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn max_tokens_that_is_not_a_positive_whole_number_is_refused_by_name() {
+        for value in ["0", "-1", "1.5", "\"ten\""] {
+            let body = body(&format!(r#"{{"max_tokens": {value}}}"#));
+            assert_eq!(refused_param(body.max_tokens()), "max_tokens", "{value}");
+        }
+        assert_eq!(
+            body(r#"{"max_tokens": 7}"#).max_tokens().ok(),
+            Some(Some(7))
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_refused() {
+        assert!(matches!(
+            Body::parse(b"[1, 2]"),
+            Err(RequestError::NotAnObject)
+        ));
+        assert!(matches!(
+            Body::parse(b"{\"model\":"),
+            Err(RequestError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn stop_is_a_string_or_a_list_and_never_empty() {
+        assert_eq!(
+            body(r#"{"stop": "END"}"#).stop().ok(),
+            Some(vec!["END".to_string()])
+        );
+        assert_eq!(
+            body(r#"{"stop": ["a", "b"]}"#).stop().ok(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(refused_param(body(r#"{"stop": [""]}"#).stop()), "stop");
+        assert_eq!(refused_param(body(r#"{"stop": 3}"#).stop()), "stop");
+    }
+
+    #[test]
+    fn chat_content_may_be_text_parts() {
+        let body = body(
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "},
+                {"type": "text", "text": "there"}]}]}"#,
+        );
+        let messages = body.messages().expect("valid");
+        assert_eq!(messages, [ChatMessage::new(Role::User, "hi there")]);
+    }
+
+    #[test]
+    fn empty_prompts_and_conversations_are_refused() {
+        assert_eq!(refused_param(body(r#"{"prompt": ""}"#).prompt()), "prompt");
+        assert_eq!(
+            refused_param(body(r#"{"messages": []}"#).messages()),
+            "messages"
+        );
+    }
+}

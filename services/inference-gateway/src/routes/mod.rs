@@ -1,0 +1,4 @@
+//! HTTP routes of the gateway.
+
+pub mod deployments;
+pub mod openai;

@@ -1,0 +1,484 @@
+//! The OpenAI surface against a running gateway serving the chain model (see `support`), whose
+//! greedy output after any prompt is `CHAIN` then EOS: every expected text below follows from
+//! that construction.
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{ADMIN_TOKEN, CHAIN, TestGateway, chain_tokenizer, events};
+
+const MODEL: &str = "chain";
+
+/// The text a streamed response spells, per choice, and each choice's finish reasons in order.
+fn reassemble(events: &[Value], chat: bool) -> (Vec<String>, Vec<Vec<Value>>) {
+    let mut texts: Vec<String> = Vec::new();
+    let mut reasons: Vec<Vec<Value>> = Vec::new();
+    for event in events {
+        for choice in event["choices"].as_array().expect("choices") {
+            let index = choice["index"].as_u64().expect("an index") as usize;
+            if texts.len() <= index {
+                texts.resize(index + 1, String::new());
+                reasons.resize(index + 1, Vec::new());
+            }
+            let piece = if chat {
+                choice["delta"]["content"].as_str().unwrap_or_default()
+            } else {
+                choice["text"].as_str().expect("text")
+            };
+            texts[index].push_str(piece);
+            reasons[index].push(choice["finish_reason"].clone());
+        }
+    }
+    (texts, reasons)
+}
+
+async fn stream(gateway: &TestGateway, path: &str, body: &Value) -> Vec<Value> {
+    let (status, headers, text) = gateway
+        .send(Method::POST, path, ADMIN_TOKEN, Some(body))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(headers["content-type"], "text/event-stream");
+    events(&text)
+}
+
+#[tokio::test]
+async fn greedy_completion_follows_the_chain_and_counts_tokens() {
+    let gateway = TestGateway::spawn().await;
+    let version = gateway.deploy_chain_model(MODEL).await;
+    let client = gateway.token("client").await;
+
+    let body = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 40, "temperature": 0});
+    let (status, headers, text) = gateway
+        .send(Method::POST, "/v1/completions", &client, Some(&body))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        headers["x-ferrite-model-version"],
+        version["id"].as_str().expect("an id")
+    );
+    let response: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(response["object"], "text_completion");
+    assert_eq!(response["choices"][0]["text"], CHAIN);
+    assert_eq!(response["choices"][0]["finish_reason"], "stop");
+    // Prompt tokens as the model's own tokenizer counts them; the completion is one token per
+    // byte of CHAIN (no merges) plus the EOS that ended it.
+    let tokenizer = chain_tokenizer();
+    let prompt_tokens = tokenizer.encode("Hello", true).expect("encodes").len();
+    let completion_tokens = CHAIN.len() + 1;
+    assert_eq!(
+        response["usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": prompt_tokens + completion_tokens})
+    );
+
+    // max_tokens 2 stops at "\nZ", the chain's first two bytes.
+    let (_, short) = gateway
+        .post(
+            "/v1/completions",
+            &client,
+            &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(short["choices"][0]["text"], "\nZ");
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_stop_string_spanning_tokens_never_leaks_streamed_or_not() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    // "STOP" is four tokens and "😀" four bytes-tokens; each must end the text before it.
+    for (stop, expected) in [("STOP", "\nZé😀 "), ("😀", "\nZé")] {
+        let body = json!({"model": MODEL, "prompt": "Hi", "max_tokens": 40, "temperature": 0, "stop": [stop, "never"]});
+        let (_, whole) = gateway.post("/v1/completions", ADMIN_TOKEN, &body).await;
+        assert_eq!(whole["choices"][0]["text"], expected, "{stop}");
+        assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let events = stream(&gateway, "/v1/completions", &streamed).await;
+        let (texts, _) = reassemble(&events, false);
+        assert_eq!(texts, [expected], "{stop}");
+        for event in &events {
+            let piece = event["choices"][0]["text"].as_str().unwrap_or_default();
+            // No chunk holds the stop string or any prefix of it ("S", "ST", ...).
+            let first = stop.chars().next().expect("non-empty");
+            assert!(!piece.contains(first), "{stop}: leaked {piece:?}");
+        }
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn streams_frame_events_hold_finish_reasons_to_the_end_and_match_the_whole_response() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    for (path, chat) in [("/v1/completions", false), ("/v1/chat/completions", true)] {
+        let mut body = json!({"model": MODEL, "max_tokens": 40, "temperature": 0,
+                              "stream_options": {"include_usage": true}});
+        if chat {
+            body["messages"] = json!([{"role": "user", "content": "Say something"}]);
+        } else {
+            body["prompt"] = json!("Say something");
+        }
+        let (_, whole) = gateway.post(path, ADMIN_TOKEN, &body).await;
+        body["stream"] = json!(true);
+        let events = stream(&gateway, path, &body).await;
+
+        // Exactly one chunk carries usage, the last, with no choices; it equals the whole
+        // response's usage. Every other chunk says `usage: null`.
+        let with_usage: Vec<&Value> = events.iter().filter(|e| !e["usage"].is_null()).collect();
+        assert_eq!(with_usage.len(), 1, "{path}");
+        let last = events.last().expect("events");
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"], whole["usage"], "{path}");
+
+        let (texts, reasons) = reassemble(&events[..events.len() - 1], chat);
+        let expected_text = if chat {
+            whole["choices"][0]["message"]["content"].clone()
+        } else {
+            whole["choices"][0]["text"].clone()
+        };
+        assert_eq!(json!(texts[0]), expected_text, "{path}");
+        // The chat template ends with "assistant\n", whose successor starts the chain at "Z".
+        let chain_text = if chat { &CHAIN[1..] } else { CHAIN };
+        assert_eq!(texts[0].as_bytes(), chain_text.as_bytes(), "{path}");
+        // "é" and "😀" arrive over two and four tokens, yet no chunk holds half of one.
+        let pieces = events
+            .iter()
+            .flat_map(|event| event["choices"].as_array().cloned().unwrap_or_default());
+        for choice in pieces {
+            let piece = choice["text"]
+                .as_str()
+                .or(choice["delta"]["content"].as_str())
+                .unwrap_or_default();
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "{path}: a chunk split a character"
+            );
+        }
+        let (last_reason, earlier) = reasons[0].split_last().expect("chunks");
+        assert_eq!(last_reason, "stop", "{path}");
+        assert!(earlier.iter().all(Value::is_null), "{path}: {earlier:?}");
+        if chat {
+            assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+            assert_eq!(events[0]["object"], "chat.completion.chunk");
+        }
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn three_streamed_choices_reassemble_to_the_whole_three() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    // Temperature 2 makes the chain model wander (its margin is about 9 nats, 4.5 after
+    // temperature, over 260 alternatives), so the three choices differ; the seed fixes them.
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 12, "temperature": 2.0,
+                      "seed": 11, "n": 3, "stream_options": {"include_usage": true}});
+    let (status, whole) = gateway.post("/v1/completions", ADMIN_TOKEN, &body).await;
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = stream(&gateway, "/v1/completions", &streamed).await;
+    let (texts, reasons) = reassemble(&events[..events.len() - 1], false);
+    assert_eq!(texts.len(), 3);
+    for (index, text) in texts.iter().enumerate() {
+        let choice = &whole["choices"][index];
+        assert_eq!(choice["text"], json!(text), "choice {index}");
+        assert_eq!(reasons[index].last(), Some(&choice["finish_reason"]));
+    }
+    assert_eq!(events.last().expect("usage")["usage"], whole["usage"]);
+    let distinct: std::collections::BTreeSet<&String> = texts.iter().collect();
+    assert!(distinct.len() > 1, "seeds per choice differ: {texts:?}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn temperature_zero_is_deterministic_equals_top_k_one_and_logprobs_are_at_most_zero() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    let greedy =
+        json!({"model": MODEL, "prompt": "Dawn", "max_tokens": 8, "temperature": 0, "logprobs": 3});
+    let (_, first) = gateway.post("/v1/completions", ADMIN_TOKEN, &greedy).await;
+    let (_, second) = gateway.post("/v1/completions", ADMIN_TOKEN, &greedy).await;
+    assert_eq!(first["choices"], second["choices"]);
+    let top_k = json!({"model": MODEL, "prompt": "Dawn", "max_tokens": 8, "temperature": 2.0, "top_k": 1, "seed": 3});
+    let (_, by_top_k) = gateway.post("/v1/completions", ADMIN_TOKEN, &top_k).await;
+    assert_eq!(first["choices"][0]["text"], by_top_k["choices"][0]["text"]);
+
+    let logprobs = &first["choices"][0]["logprobs"];
+    let values = logprobs["token_logprobs"]
+        .as_array()
+        .expect("token_logprobs");
+    assert_eq!(values.len(), 8);
+    for value in values {
+        let value = value.as_f64().expect("a number");
+        assert!(value.is_finite() && value <= 0.0, "{value}");
+    }
+    // Keyed by token text: alternatives that are lone bytes of a character all read "\u{FFFD}"
+    // and share one key, so a position lists between one and three.
+    let alternatives = logprobs["top_logprobs"][0]
+        .as_object()
+        .expect("a map")
+        .len();
+    assert!((1..=3).contains(&alternatives), "{alternatives}");
+
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, reply) = gateway
+        .post("/v1/chat/completions", ADMIN_TOKEN, &chat)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let content = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content");
+    assert_eq!(content.len(), 4);
+    for entry in content {
+        let value = entry["logprob"].as_f64().expect("a number");
+        assert!(value.is_finite() && value <= 0.0, "{value}");
+        assert_eq!(
+            entry["top_logprobs"]
+                .as_array()
+                .expect("alternatives")
+                .len(),
+            2
+        );
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    let completion = |extra: Value| {
+        let mut body = json!({"model": MODEL, "prompt": "Hi", "stream": true});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        body
+    };
+    let (status, body) = gateway
+        .post(
+            "/v1/completions",
+            ADMIN_TOKEN,
+            &completion(json!({"model": "nope"})),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &body["error"]["code"]),
+        (404, &json!("model_not_found"))
+    );
+
+    for max_tokens in [json!(0), json!(-1), json!(1.5), json!("10")] {
+        let (status, body) = gateway
+            .post(
+                "/v1/completions",
+                ADMIN_TOKEN,
+                &completion(json!({"max_tokens": max_tokens})),
+            )
+            .await;
+        assert_eq!(status, 400, "{max_tokens}: {body}");
+        assert_eq!(body["error"]["param"], "max_tokens", "{max_tokens}");
+    }
+
+    // 300 bytes are 300 tokens (no merges), one more with BOS; the tiny preset's context is 256.
+    let long = "x".repeat(300);
+    let expected_length = chain_tokenizer()
+        .encode(&long, true)
+        .expect("encodes")
+        .len();
+    let (status, body) = gateway
+        .post(
+            "/v1/completions",
+            ADMIN_TOKEN,
+            &completion(json!({"prompt": long})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains("256") && message.contains(&expected_length.to_string()),
+        "{message}"
+    );
+
+    let (status, body) = gateway
+        .post(
+            "/v1/completions",
+            ADMIN_TOKEN,
+            &completion(json!({"prompt": ""})),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &body["error"]["param"]),
+        (400, &json!("prompt"))
+    );
+    let (status, body) = gateway
+        .post(
+            "/v1/chat/completions",
+            ADMIN_TOKEN,
+            &json!({"model": MODEL, "messages": []}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &body["error"]["param"]),
+        (400, &json!("messages"))
+    );
+
+    for raw in ["{\"model\": ", "[1, 2]", "\"text\""] {
+        let response = gateway
+            .client
+            .post(gateway.url("/v1/completions"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 400, "{raw}");
+        let body: Value = response.json().await.expect("an error body");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    let (status, body) = gateway
+        .post(
+            "/v1/completions",
+            ADMIN_TOKEN,
+            &json!({"model": MODEL, "prompt": "Hi", "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "still serving: {body}");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn deployments_are_listed_filtered_guarded_deleted_and_reloaded_after_a_restart() {
+    let gateway = TestGateway::spawn().await;
+    let version = gateway.deploy_chain_model(MODEL).await;
+    let client = gateway.token("client").await;
+
+    let (status, _) = gateway
+        .post(
+            "/v1/deployments",
+            &client,
+            &json!({"name": "other", "model": MODEL}),
+        )
+        .await;
+    assert_eq!(status, 403, "clients cannot deploy");
+    let (status, body) = gateway
+        .post(
+            "/v1/deployments",
+            ADMIN_TOKEN,
+            &json!({"name": "other", "model": "missing:9"}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &body["error"]["code"]),
+        (404, &json!("model_not_found"))
+    );
+    let (status, _) = gateway
+        .post(
+            "/v1/deployments",
+            ADMIN_TOKEN,
+            &json!({"name": MODEL, "model": MODEL}),
+        )
+        .await;
+    assert_eq!(status, 409);
+
+    let (_, _, models) = gateway.send(Method::GET, "/v1/models", &client, None).await;
+    let models: Value = serde_json::from_str(&models).expect("JSON");
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    let id = version["id"].as_str().expect("an id");
+    let by_version = format!("/v1/deployments?version_id={id}");
+    let (_, _, listed) = gateway
+        .send(Method::GET, &by_version, ADMIN_TOKEN, None)
+        .await;
+    let listed: Value = serde_json::from_str(&listed).expect("JSON");
+    assert_eq!(listed["data"][0]["name"], MODEL);
+    let other = format!("/v1/deployments?version_id={}", uuid::Uuid::now_v7());
+    let (_, _, none) = gateway.send(Method::GET, &other, ADMIN_TOKEN, None).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&none).expect("JSON")["data"],
+        json!([])
+    );
+
+    // A new process on the same database loads the deployment again, from storage alone.
+    let gateway = gateway.restart().await;
+    let request = json!({"model": MODEL, "prompt": "Hi", "temperature": 0, "max_tokens": 3});
+    let mut served = false;
+    for _ in 0..200 {
+        let (status, _) = gateway.post("/v1/completions", ADMIN_TOKEN, &request).await;
+        if status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(served, "the deployment came back after the restart");
+
+    let (status, _, _) = gateway
+        .send(
+            Method::DELETE,
+            &format!("/v1/deployments/{MODEL}"),
+            ADMIN_TOKEN,
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = gateway.post("/v1/completions", ADMIN_TOKEN, &request).await;
+    assert_eq!(
+        (status.as_u16(), &body["error"]["code"]),
+        (404, &json!("model_not_found"))
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn serving_metrics_appear_on_the_metrics_route() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    let body = json!({"model": MODEL, "prompt": "Hi", "temperature": 0, "max_tokens": 5});
+    let (status, _) = gateway.post("/v1/completions", ADMIN_TOKEN, &body).await;
+    assert_eq!(status, 200);
+    let text = gateway
+        .client
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "time_to_first_token_seconds_count",
+        "inter_token_latency_seconds_count",
+        "e2e_request_latency_seconds_count",
+        "request_queue_time_seconds_count",
+        "num_requests_running",
+        "num_requests_waiting",
+    ] {
+        assert!(
+            text.contains(&format!("ferrite_{name}{{deployment=\"{MODEL}\"}}")),
+            "{name} missing:\n{text}"
+        );
+    }
+    // Five tokens generated: one first token and four gaps between tokens.
+    assert!(
+        text.contains(&format!(
+            "ferrite_generation_tokens_total{{deployment=\"{MODEL}\"}} 5"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "ferrite_inter_token_latency_seconds_count{{deployment=\"{MODEL}\"}} 4"
+        )),
+        "{text}"
+    );
+    gateway.stop().await;
+}
