@@ -163,7 +163,9 @@ impl ServiceModule for Probe {
     fn migrator(&self) -> Option<Migrator> {
         // Relative to the including crate's manifest: every crate sits two folders deep, so
         // other crates' tests can include this module too.
-        Some(sqlx::migrate!("../../crates/platform/tests/probe_migrations"))
+        Some(sqlx::migrate!(
+            "../../crates/platform/tests/probe_migrations"
+        ))
     }
 
     async fn mount(&self, ctx: ServiceContext) -> anyhow::Result<Mounted> {

@@ -1,0 +1,146 @@
+//! Token counts of a version under the tokenizer of a registered model version.
+//!
+//! The model is resolved through the model registry's REST API, its `tokenizer.json` and
+//! `tokenizer_config.json` are read from its artifact prefix, and every row's texts (joined
+//! by newlines, without special tokens) are counted off the async workers in batches.
+
+use std::sync::Arc;
+
+use ferrite_model::tokenizer::Tokenizer;
+use ferrite_platform::storage::ObjectKey;
+use futures::StreamExt;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::content;
+use crate::domain::DatasetKind;
+use crate::domain::stats::LengthStats;
+use crate::error::RegistryError;
+use crate::routes::State;
+use crate::scan::{Problem, RecordSink};
+use crate::store::{self, DatasetVersion, TokenStats};
+use crate::validate::row_texts;
+
+/// Rows tokenized per blocking task.
+const BATCH_ROWS: usize = 512;
+
+/// The part of the model registry's ModelVersion this needs.
+#[derive(Debug, Deserialize)]
+struct ModelVersion {
+    id: Uuid,
+    artifact_prefix: String,
+}
+
+pub async fn count(
+    state: &State,
+    version: &DatasetVersion,
+    reference: &str,
+) -> Result<TokenStats, RegistryError> {
+    let model: ModelVersion = state
+        .peers
+        .get_json(&format!("/v1/registry/resolve/{reference}"))
+        .await?;
+    let tokenizer = Arc::new(load_tokenizer(state, reference, &model.artifact_prefix).await?);
+
+    let mut content = content::open(state, version).await?;
+    let mut rows = RowTexts {
+        kind: content.kind,
+        batch: Vec::new(),
+    };
+    let mut counts = Vec::new();
+    while let Some(chunk) = content.chunks.next().await {
+        content.scanner.push(&chunk?, &mut rows);
+        if rows.batch.len() >= BATCH_ROWS {
+            counts.extend(tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await?);
+        }
+    }
+    content.scanner.finish(&mut rows);
+    counts.extend(tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await?);
+
+    let stats = LengthStats::from_lengths(&mut counts);
+    let stats = serde_json::to_value(stats).map_err(|e| RegistryError::Internal {
+        context: "cannot encode token statistics",
+        source: Box::new(e),
+    })?;
+    Ok(store::save_token_stats(&state.pool, version.id, model.id, reference, stats).await?)
+}
+
+async fn load_tokenizer(
+    state: &State,
+    reference: &str,
+    prefix: &str,
+) -> Result<Tokenizer, RegistryError> {
+    let unusable = |message: String| RegistryError::Tokenizer {
+        reference: reference.to_owned(),
+        message,
+    };
+    let prefix = ObjectKey::parse(prefix.trim_end_matches('/'))?;
+    let dir = tempfile::tempdir().map_err(|e| RegistryError::Internal {
+        context: "cannot create a folder for the tokenizer",
+        source: Box::new(e),
+    })?;
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        let bytes = match state.storage.get(&prefix.join(file)?).await {
+            Ok(bytes) => bytes,
+            Err(ferrite_platform::storage::StorageError::NotFound(key)) => {
+                return Err(unusable(format!("its artifacts have no {file} (`{key}`)")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tokio::fs::write(dir.path().join(file), &bytes)
+            .await
+            .map_err(|e| RegistryError::Internal {
+                context: "cannot write the tokenizer to a temporary folder",
+                source: Box::new(e),
+            })?;
+    }
+    let path = dir.path().to_owned();
+    let loaded = tokio::task::spawn_blocking(move || Tokenizer::load(path))
+        .await
+        .map_err(|e| RegistryError::Internal {
+            context: "the tokenizer loading task failed",
+            source: Box::new(e),
+        })?;
+    loaded.map_err(|e| unusable(e.to_string()))
+}
+
+async fn tokenize(
+    tokenizer: &Arc<Tokenizer>,
+    texts: Vec<String>,
+) -> Result<Vec<u64>, RegistryError> {
+    if texts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tokenizer = tokenizer.clone();
+    let counted = tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .map(|text| tokenizer.encode(text, false).map(|ids| ids.len() as u64))
+            .collect::<Result<Vec<u64>, _>>()
+    })
+    .await
+    .map_err(|e| RegistryError::Internal {
+        context: "the tokenizing task failed",
+        source: Box::new(e),
+    })?;
+    counted.map_err(|e| RegistryError::Internal {
+        context: "cannot tokenize a row",
+        source: Box::new(e),
+    })
+}
+
+/// Collects each row's texts, joined by newlines.
+struct RowTexts {
+    kind: DatasetKind,
+    batch: Vec<String>,
+}
+
+impl RecordSink for RowTexts {
+    fn record(&mut self, _line: u64, bytes: &[u8]) {
+        // Stored rows were valid at upload; a row that no longer parses counts as empty.
+        let texts = row_texts(self.kind, bytes).unwrap_or_default();
+        self.batch.push(texts.join("\n"));
+    }
+
+    fn problem(&mut self, _problem: Problem) {}
+}
