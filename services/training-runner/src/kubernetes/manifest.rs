@@ -91,9 +91,12 @@ fn worker_env(settings: &Settings, scratch_dir: &std::path::Path) -> Vec<(String
             "FERRITE_MULTIPART_PART_BYTES",
             settings.store.multipart_part_bytes.to_string(),
         ),
+        // A worker holds a lease, heartbeats and writes metrics: a few connections suffice,
+        // as for the local backend's workers.
+        ("FERRITE_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
         (
-            "FERRITE_DATABASE_MAX_CONNECTIONS",
-            settings.database.max_connections.to_string(),
+            "FERRITE_DATABASE_ACQUIRE_TIMEOUT_SECONDS",
+            settings.database.acquire_timeout.as_secs().to_string(),
         ),
         (
             "FERRITE_WORKER_LEASE_SECONDS",
@@ -109,10 +112,7 @@ fn worker_env(settings: &Settings, scratch_dir: &std::path::Path) -> Vec<(String
         ),
         ("FERRITE_LOG_FORMAT", log_format.to_owned()),
         ("FERRITE_LOG_FILTER", settings.telemetry.log_filter.clone()),
-        (
-            "FERRITE_SERVICE_NAME",
-            settings.telemetry.service_name.clone(),
-        ),
+        ("FERRITE_SERVICE_NAME", "ferrite-worker".to_owned()),
     ];
     let optional = [
         ("FERRITE_S3_ENDPOINT", settings.store.s3_endpoint.as_ref()),
