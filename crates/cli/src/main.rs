@@ -30,6 +30,15 @@ enum Command {
         #[arg(long, env = "FERRITE_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// Run one attempt of a training job; the training runner starts these.
+    Worker {
+        /// The job's id.
+        #[arg(long)]
+        job: String,
+        /// The attempt number, from 1.
+        #[arg(long)]
+        attempt: u32,
+    },
     /// Run the bundled pipeline on real data, answer a chat request and write the report.
     Demo {
         /// The `tiny` preset on small slices (about five minutes on two cores).
@@ -78,6 +87,15 @@ enum PipelineCommand {
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Up => up::run().await,
+        Command::Worker { job, attempt } => {
+            match ferrite_training_runner::worker::WorkerArgs::new(&job, attempt) {
+                Ok(worker) => worker.run("worker").await,
+                Err(problem) => {
+                    eprintln!("ferrite worker: {problem}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Status { url } => match up::print_status(&url).await {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

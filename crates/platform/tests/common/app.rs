@@ -119,15 +119,27 @@ pub async fn spawn_app(extra_env: &[(String, String)]) -> TestApp {
 
 /// Builds and runs the probe application with the given settings.
 pub async fn spawn_app_on(database: TestDatabase, env: BTreeMap<String, String>) -> TestApp {
-    let settings = Settings::load(None, &env).expect("test settings are valid");
-    let host = settings.http.host;
     let queue = format!("{}.probe", env["FERRITE_AMQP_EXCHANGE"]);
     let slow_entered = Arc::new(Notify::new());
     let probe = Probe {
         queue,
         slow_entered: slow_entered.clone(),
     };
-    let application = Application::build(settings, vec![Box::new(probe)])
+    let mut app = spawn_modules(database, env, vec![Box::new(probe)]).await;
+    app.slow_entered = slow_entered;
+    app
+}
+
+/// Builds and runs an application of `modules` with the given settings: how a service's tests
+/// mount the service itself, with stand-ins for the peers it calls.
+pub async fn spawn_modules(
+    database: TestDatabase,
+    env: BTreeMap<String, String>,
+    modules: Vec<Box<dyn ServiceModule>>,
+) -> TestApp {
+    let settings = Settings::load(None, &env).expect("test settings are valid");
+    let host = settings.http.host;
+    let application = Application::build(settings, modules)
         .await
         .expect("the application builds");
     let address = format!("http://{host}:{}", application.port());
@@ -140,7 +152,7 @@ pub async fn spawn_app_on(database: TestDatabase, env: BTreeMap<String, String>)
         shutdown,
         stopped,
         client: reqwest::Client::new(),
-        slow_entered,
+        slow_entered: Arc::new(Notify::new()),
     }
 }
 

@@ -1,0 +1,270 @@
+//! Turning a submitted [`JobSpec`] into a [`ResolvedJob`]: every check that can fail a job
+//! before it runs happens here, so a bad spec is a 4xx naming its field, never a failed attempt.
+
+use ferrite_platform::ApiError;
+use ferrite_platform::peers::{PeerError, Peers};
+use ferrite_training::job::{self, JobKind};
+use uuid::Uuid;
+
+use crate::domain::{
+    JobSpec, MAX_ATTEMPTS_LIMIT, ResolvedDataset, ResolvedJob, ResolvedModel, default_output_name,
+};
+
+/// Why a spec was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    #[error("the {what} `{reference}` does not exist")]
+    NotFound {
+        field: String,
+        what: &'static str,
+        reference: String,
+    },
+    #[error("cannot resolve `{reference}`: {source}")]
+    Unavailable {
+        reference: String,
+        #[source]
+        source: PeerError,
+    },
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(error: SubmitError) -> Self {
+        match &error {
+            SubmitError::Invalid { field, message } => {
+                ApiError::invalid_request("invalid_value", message.clone()).with_param(field)
+            }
+            SubmitError::NotFound { field, what, .. } => {
+                ApiError::invalid_request(&format!("{what}_not_found"), error.to_string())
+                    .with_param(field)
+            }
+            SubmitError::Unavailable { .. } => {
+                tracing::warn!(error = %ferrite_platform::error::ErrorChain(&error), "a registry did not answer");
+                ApiError::unavailable(error.to_string())
+            }
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SubmitError {
+    SubmitError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Checks everything that needs no other service.
+pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), SubmitError> {
+    let kind: JobKind = spec.kind.parse().map_err(|e: String| invalid("kind", e))?;
+    job::validate(kind, &spec.hyper_parameters).map_err(|e| invalid(e.field, e.message))?;
+    let attempts = spec.max_attempts.unwrap_or(default_attempts);
+    if !(1..=MAX_ATTEMPTS_LIMIT).contains(&attempts) {
+        return Err(invalid(
+            "max_attempts",
+            format!("must lie in 1..={MAX_ATTEMPTS_LIMIT}"),
+        ));
+    }
+    if let Some(name) = &spec.output_model_name {
+        check_name(name)?;
+    }
+    if spec.datasets.is_empty() {
+        return Err(invalid("datasets", "a job needs at least one dataset"));
+    }
+    for (index, dataset) in spec.datasets.iter().enumerate() {
+        check_reference(&format!("datasets[{index}].reference"), &dataset.reference)?;
+    }
+    if let Some(base) = &spec.base_model {
+        check_reference("base_model", base)?;
+    }
+    Ok((kind, attempts))
+}
+
+fn check_name(name: &str) -> Result<(), SubmitError> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            "output_model_name",
+            "must be 1-128 characters of letters, digits, `-`, `_` and `.`",
+        ))
+    }
+}
+
+/// A reference travels in a URL path segment; anything that would change the path is refused.
+fn check_reference(field: &str, reference: &str) -> Result<(), SubmitError> {
+    let valid = !reference.is_empty()
+        && reference.len() <= 256
+        && !reference
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '?' | '#' | '%'));
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "`{reference}` is not a version reference (`<uuid>`, `<name>:<number>`, `<name>@<alias>` or `<name>`)"
+            ),
+        ))
+    }
+}
+
+/// Resolves every reference through the registries and builds what the worker will need.
+pub async fn resolve(
+    peers: &Peers,
+    spec: &JobSpec,
+    kind: JobKind,
+    job_id: Uuid,
+) -> Result<ResolvedJob, SubmitError> {
+    let mut datasets = Vec::with_capacity(spec.datasets.len());
+    for (index, dataset) in spec.datasets.iter().enumerate() {
+        let field = format!("datasets[{index}].reference");
+        let path = format!("/v1/datasets/resolve/{}", dataset.reference);
+        let version = lookup(peers, &path, &field, "dataset", &dataset.reference).await?;
+        let text = |name: &str| -> Result<String, SubmitError> {
+            string_field(&version, name, &field, &dataset.reference)
+        };
+        datasets.push(ResolvedDataset {
+            reference: dataset.reference.clone(),
+            role: dataset.role,
+            version_id: text("id")?,
+            kind: text("kind")?,
+            format: text("format")?,
+            object_key: text("object_key")?,
+        });
+    }
+    let base_model = match &spec.base_model {
+        Some(reference) => {
+            let path = format!("/v1/registry/resolve/{reference}");
+            let version = lookup(peers, &path, "base_model", "model", reference).await?;
+            Some(ResolvedModel {
+                reference: reference.clone(),
+                version_id: string_field(&version, "id", "base_model", reference)?,
+                artifact_prefix: string_field(
+                    &version,
+                    "artifact_prefix",
+                    "base_model",
+                    reference,
+                )?,
+            })
+        }
+        None => None,
+    };
+    Ok(ResolvedJob {
+        kind,
+        base_model,
+        datasets,
+        hyper_parameters: spec.hyper_parameters.clone(),
+        resources: spec.resources.clone(),
+        output_model_name: spec
+            .output_model_name
+            .clone()
+            .unwrap_or_else(|| default_output_name(kind, job_id)),
+    })
+}
+
+async fn lookup(
+    peers: &Peers,
+    path: &str,
+    field: &str,
+    what: &'static str,
+    reference: &str,
+) -> Result<serde_json::Value, SubmitError> {
+    match peers.get_json(path).await {
+        Ok(version) => Ok(version),
+        Err(error) => match error.status() {
+            Some(404) => Err(SubmitError::NotFound {
+                field: field.to_owned(),
+                what,
+                reference: reference.to_owned(),
+            }),
+            Some(status) if (400..500).contains(&status) => Err(invalid(
+                field,
+                format!("the {what} registry refused `{reference}`: {error}"),
+            )),
+            _ => Err(SubmitError::Unavailable {
+                reference: reference.to_owned(),
+                source: error,
+            }),
+        },
+    }
+}
+
+/// A string field of a registry's answer; a missing one means the registry broke its contract.
+fn string_field(
+    version: &serde_json::Value,
+    name: &str,
+    field: &str,
+    reference: &str,
+) -> Result<String, SubmitError> {
+    match &version[name] {
+        serde_json::Value::String(text) => Ok(text.clone()),
+        other => Err(invalid(
+            field,
+            format!(
+                "the registry's answer for `{reference}` has no string `{name}` (found {other})"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> JobSpec {
+        serde_json::from_value(json).expect("a well-formed spec")
+    }
+
+    fn field_of(result: Result<(JobKind, u32), SubmitError>) -> String {
+        match result {
+            Err(SubmitError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_names_the_kind_field() {
+        let spec = spec(serde_json::json!({"kind": "distill", "datasets": [{"reference": "a"}]}));
+        assert_eq!(field_of(check(&spec, 3)), "kind");
+    }
+
+    #[test]
+    fn a_bad_hyper_parameter_is_named_by_its_path() {
+        let spec = spec(serde_json::json!({
+            "kind": "tokenizer", "datasets": [{"reference": "a"}],
+            "hyper_parameters": {"vocab_size": 3},
+        }));
+        assert_eq!(field_of(check(&spec, 3)), "hyper_parameters.vocab_size");
+    }
+
+    #[test]
+    fn a_reference_that_would_change_the_url_is_refused() {
+        let spec = spec(serde_json::json!({
+            "kind": "tokenizer", "datasets": [{"reference": "a"}, {"reference": "../x"}],
+        }));
+        assert_eq!(field_of(check(&spec, 3)), "datasets[1].reference");
+    }
+
+    #[test]
+    fn attempts_beyond_the_limit_are_refused() {
+        let spec = spec(serde_json::json!({
+            "kind": "tokenizer", "datasets": [{"reference": "a"}], "max_attempts": 0,
+        }));
+        assert_eq!(field_of(check(&spec, 3)), "max_attempts");
+    }
+
+    #[test]
+    fn a_valid_spec_takes_the_default_attempts() {
+        let spec =
+            spec(serde_json::json!({"kind": "tokenizer", "datasets": [{"reference": "a:1"}]}));
+        let (kind, attempts) = check(&spec, 3).expect("valid");
+        assert_eq!((kind, attempts), (JobKind::Tokenizer, 3));
+    }
+}

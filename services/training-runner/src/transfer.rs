@@ -1,0 +1,194 @@
+//! Moving folders and datasets between object storage and the worker's scratch disk.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use ferrite_platform::storage::{ObjectKey, Storage};
+use futures::StreamExt as _;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::domain::ResolvedDataset;
+use crate::worker::Attempt;
+
+/// A prefix such as `jobs/x/output/` as a key (object keys have no trailing slash).
+fn prefix_key(prefix: &str) -> anyhow::Result<ObjectKey> {
+    Ok(ObjectKey::parse(prefix.trim_end_matches('/'))?)
+}
+
+/// Uploads every file under `dir` to `prefix` + its relative path; returns the bytes sent.
+pub async fn upload_dir(attempt: &Attempt, dir: &Path, prefix: &str) -> anyhow::Result<u64> {
+    let root = prefix_key(prefix)?;
+    let mut total = 0;
+    for (path, relative) in files_under(dir)? {
+        let key = root.join(&relative)?;
+        total += upload_file(attempt, &path, &key).await?;
+    }
+    Ok(total)
+}
+
+async fn upload_file(attempt: &Attempt, path: &Path, key: &ObjectKey) -> anyhow::Result<u64> {
+    let size = tokio::fs::metadata(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if size <= attempt.part_bytes as u64 {
+        let bytes = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        attempt
+            .storage
+            .put(key, Bytes::from(bytes))
+            .await
+            .with_context(|| format!("cannot upload {key}"))?;
+        return Ok(size);
+    }
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let stream = tokio_util::io::ReaderStream::new(file);
+    attempt
+        .storage
+        .put_stream(key, stream)
+        .await
+        .with_context(|| format!("cannot upload {key}"))
+}
+
+/// Every file below `dir` with its `/`-separated path relative to `dir`, sorted.
+fn files_under(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let entries = std::fs::read_dir(&folder)
+            .with_context(|| format!("cannot list {}", folder.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let relative = path
+                .strip_prefix(dir)
+                .with_context(|| format!("{} is outside {}", path.display(), dir.display()))?;
+            let parts: Vec<_> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            files.push((path, parts.join("/")));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Downloads every object under `prefix` into `dir`, keeping relative paths.
+pub async fn download_prefix(storage: &Storage, prefix: &str, dir: &Path) -> anyhow::Result<u64> {
+    let root = prefix_key(prefix)?;
+    let objects = storage
+        .list(&root)
+        .await
+        .with_context(|| format!("cannot list {prefix}"))?;
+    if objects.is_empty() {
+        anyhow::bail!("no objects under {prefix}");
+    }
+    let mut total = 0;
+    for object in objects {
+        let relative = object
+            .key
+            .strip_prefix(root.as_str())
+            .map(|rest| rest.trim_start_matches('/'))
+            .unwrap_or(&object.key);
+        let key = ObjectKey::parse(&object.key)?;
+        // ObjectKey already refused `..` segments, so the path stays inside `dir`.
+        let path = dir.join(relative);
+        total += download_object(storage, &key, &path).await?;
+    }
+    Ok(total)
+}
+
+async fn download_object(storage: &Storage, key: &ObjectKey, path: &Path) -> anyhow::Result<u64> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut stream = std::pin::pin!(
+        storage
+            .get_stream(key)
+            .await
+            .with_context(|| format!("cannot download {key}"))?
+    );
+    let mut total = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("cannot download {key}"))?;
+        total += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    Ok(total)
+}
+
+/// Downloads a dataset to `path` in the layout trainers read: JSON Lines for structured kinds
+/// (a top-level JSON array is rewritten one element per line), the bytes as they are otherwise.
+pub async fn download_dataset(
+    storage: &Storage,
+    dataset: &ResolvedDataset,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let key = ObjectKey::parse(&dataset.object_key)?;
+    if dataset.format != "json" {
+        download_object(storage, &key, path).await?;
+        return Ok(());
+    }
+    let bytes = storage
+        .get(&key)
+        .await
+        .with_context(|| format!("cannot download {key}"))?;
+    let lines = json_array_to_lines(&bytes)
+        .with_context(|| format!("dataset version {} is not a JSON array", dataset.version_id))?;
+    tokio::fs::write(path, lines)
+        .await
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn json_array_to_lines(bytes: &[u8]) -> anyhow::Result<String> {
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(bytes)?;
+    let mut text = String::new();
+    for row in rows {
+        text.push_str(&serde_json::to_string(&row)?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_array_becomes_one_line_per_element() {
+        let array =
+            br#"[{"instruction": "a\nb", "output": "c"}, {"instruction": "d", "output": "e"}]"#;
+        let lines = json_array_to_lines(array).expect("an array");
+        assert_eq!(
+            lines,
+            "{\"instruction\":\"a\\nb\",\"output\":\"c\"}\n{\"instruction\":\"d\",\"output\":\"e\"}\n"
+        );
+    }
+
+    #[test]
+    fn files_are_listed_with_relative_slash_paths() {
+        let dir = std::env::temp_dir().join(format!("ferrite-files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("nested")).expect("create");
+        std::fs::write(dir.join("config.json"), "{}").expect("write");
+        std::fs::write(dir.join("nested/model.safetensors"), "x").expect("write");
+        let files: Vec<String> = files_under(&dir)
+            .expect("lists")
+            .into_iter()
+            .map(|(_, relative)| relative)
+            .collect();
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert_eq!(files, vec!["config.json", "nested/model.safetensors"]);
+    }
+}

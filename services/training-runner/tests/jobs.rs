@@ -1,0 +1,436 @@
+//! Jobs end to end against real Postgres, RabbitMQ and s3s-fs, with real worker processes.
+
+#[path = "../../../crates/platform/tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use ferrite_proto::JobOutcome;
+use reqwest::Method;
+use serde_json::json;
+use support::{RunnerApp, corpus_sample, spawn_runner};
+
+/// Bounds a hung test; never what a test measures.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// Enough text for a held-out block: pretraining holds out every 50th block of 4,096 tokens.
+const CORPUS_BYTES: usize = 900_000;
+
+/// Puts a corpus sample in the store and registers it as the text dataset `corpus`.
+async fn corpus(app: &RunnerApp) -> String {
+    app.put("datasets/corpus-sample", corpus_sample(CORPUS_BYTES))
+        .await;
+    app.registries
+        .add_dataset("corpus", "text", "text", "datasets/corpus-sample")
+}
+
+fn tokenizer_spec() -> serde_json::Value {
+    json!({
+        "kind": "tokenizer",
+        "datasets": [{"reference": "corpus"}],
+        "hyper_parameters": {"vocab_size": 512},
+        "output_model_name": "test-tokenizer",
+    })
+}
+
+/// A tiny pretraining run: one thread, short windows, a checkpoint every `interval` steps.
+fn pretrain_spec(steps: u64, interval: u64) -> serde_json::Value {
+    json!({
+        "kind": "pretrain",
+        "base_model": "tok:1",
+        "datasets": [{"reference": "corpus"}],
+        "hyper_parameters": {
+            "preset": "tiny", "batch_size": 4, "sequence_length": 32, "total_steps": steps,
+            "warmup_steps": 2, "eval_interval": 10, "eval_windows": 4, "threads": 1,
+            "checkpoint_interval": interval,
+        },
+        "output_model_name": "tiny-lm",
+    })
+}
+
+/// Runs a tokenizer job and registers its output as the model version `tok:1`.
+async fn tokenizer(app: &RunnerApp) -> (String, String) {
+    let id = app.submit(tokenizer_spec()).await;
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let prefix = job["artifact_prefix"]
+        .as_str()
+        .expect("an artifact")
+        .to_owned();
+    let version = app.registries.add_model("tok:1", &prefix);
+    (id, version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_the_queue_and_publish_their_lineage() {
+    let app = spawn_runner(&[]).await;
+    let dataset_version = corpus(&app).await;
+
+    let (tokenizer_job, tokenizer_version) = tokenizer(&app).await;
+    let objects = app
+        .storage
+        .list(
+            &ferrite_platform::storage::ObjectKey::parse(&format!("jobs/{tokenizer_job}/output"))
+                .expect("key"),
+        )
+        .await
+        .expect("lists");
+    assert!(
+        objects.iter().any(|o| o.key.ends_with("/tokenizer.json")),
+        "the tokenizer's artifact is in storage: {objects:?}"
+    );
+
+    // 12 steps with a checkpoint every 5: checkpoints at 5 and 10, none at the end (the
+    // artifact is the end).
+    let id = app.submit(pretrain_spec(12, 5)).await;
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress"]["step"], 12);
+    assert_eq!(job["progress"]["total_steps"], 12);
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(job["artifact_prefix"], format!("jobs/{id}/output/"));
+    assert!(
+        job["final_metrics"]["eval_loss"].as_f64().is_some(),
+        "{job}"
+    );
+
+    let metrics = app
+        .get(&format!("/v1/jobs/{id}/metrics?names=loss,eval_loss"))
+        .await;
+    let loss_steps: Vec<u64> = metrics["series"]["loss"]
+        .as_array()
+        .expect("a loss series")
+        .iter()
+        .filter_map(|point| point["step"].as_u64())
+        .collect();
+    assert_eq!(
+        loss_steps,
+        (1..=12).collect::<Vec<_>>(),
+        "one loss per step"
+    );
+    assert!(
+        !metrics["series"]["eval_loss"]
+            .as_array()
+            .expect("eval")
+            .is_empty(),
+        "eval_interval 10 evaluates at step 10"
+    );
+
+    let checkpoints = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    let steps: Vec<u64> = checkpoints["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["step"].as_u64())
+        .collect();
+    assert_eq!(steps, vec![5, 10]);
+
+    let logs = app.get(&format!("/v1/jobs/{id}/logs")).await;
+    let lines: Vec<&str> = logs["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|line| line["message"].as_str())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("succeeded")),
+        "{lines:?}"
+    );
+
+    // The model registry's side of the contract: JobFinished with the lineage.
+    let finished = {
+        let mut found = Vec::new();
+        common::eventually(PATIENCE, "JobFinished to arrive", || {
+            found = app.registries.finished_for(&id);
+            let done = !found.is_empty();
+            async move { done }
+        })
+        .await;
+        found.remove(0)
+    };
+    assert_eq!(finished.outcome, JobOutcome::Succeeded as i32);
+    assert_eq!(finished.kind, "pretrain");
+    assert_eq!(
+        finished.artifact_prefix.as_deref(),
+        Some(format!("jobs/{id}/output/").as_str())
+    );
+    assert_eq!(
+        finished.base_model_version_id.as_deref(),
+        Some(tokenizer_version.as_str())
+    );
+    assert_eq!(finished.dataset_version_ids, vec![dataset_version]);
+    assert_eq!(finished.output_model_name, "tiny-lm");
+
+    let listed = app.get("/v1/jobs?state=succeeded&kind=pretrain").await;
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|job| job["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
+    let app = spawn_runner(&[]).await;
+    corpus(&app).await;
+    app.registries.add_model("tok:1", "models/nowhere/");
+    let cases = [
+        (
+            json!({"kind": "distill", "datasets": [{"reference": "corpus"}]}),
+            "kind",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "ppo", "datasets": [{"reference": "corpus"}]}),
+            "kind",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}],
+                   "hyper_parameters": {"vocab_size": 10}}),
+            "hyper_parameters.vocab_size",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "pretrain", "datasets": [{"reference": "corpus"}],
+                   "hyper_parameters": {"preset": "enormous"}}),
+            "hyper_parameters.preset",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}, {"reference": "nope:3"}]}),
+            "datasets[1].reference",
+            "dataset_not_found",
+        ),
+        (
+            json!({"kind": "pretrain", "base_model": "missing@champion",
+                   "datasets": [{"reference": "corpus"}]}),
+            "base_model",
+            "model_not_found",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": []}),
+            "datasets",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "max_attempts": 99}),
+            "max_attempts",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "epochs": 3}),
+            "epochs",
+            "invalid_value",
+        ),
+    ];
+    for (spec, field, code) in cases {
+        let (status, body) = app.call(Method::POST, "/v1/jobs", Some(spec.clone())).await;
+        assert_eq!(status, 400, "{spec} -> {body}");
+        assert_eq!(body["error"]["param"], field, "{spec} -> {body}");
+        assert_eq!(body["error"]["code"], code, "{spec} -> {body}");
+    }
+
+    let pool = app.runner_pool().await;
+    let (jobs, outbox): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM outbox)")
+            .fetch_one(&pool)
+            .await
+            .expect("counts");
+    assert_eq!(
+        (jobs, outbox),
+        (0, 0),
+        "a refused spec leaves nothing behind"
+    );
+    pool.close().await;
+
+    let (status, body) = app
+        .call(
+            Method::GET,
+            &format!("/v1/jobs/{}", uuid::Uuid::now_v7()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "job_not_found");
+    let unauthenticated = app
+        .app
+        .client
+        .get(app.app.url("/v1/jobs"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(unauthenticated.status(), 401);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicated_job_requested_runs_the_job_once() {
+    let app = spawn_runner(&[]).await;
+    corpus(&app).await;
+    let id = app.submit(tokenizer_spec()).await;
+
+    // The same JobRequested again under a new message id, as a second publisher (or a replayed
+    // outbox) would send it: the inbox cannot catch it, only the job row can.
+    let pool = app.runner_pool().await;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, routing_key, body, headers)
+         SELECT gen_random_uuid(), routing_key, body, headers FROM outbox
+         WHERE routing_key = 'job.requested'",
+    )
+    .execute(&pool)
+    .await
+    .expect("duplicate the event");
+    let queue = ferrite_training_runner::consumer::queue_name(&app.exchange);
+    common::eventually(PATIENCE, "both deliveries to be consumed", || {
+        let pool = pool.clone();
+        let queue = queue.clone();
+        async move {
+            let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = $1")
+                .bind(queue)
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            handled == 2
+        }
+    })
+    .await;
+
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // A scheduler round runs at least every second; two more rounds would have started a
+    // second attempt if the duplicate had queued the job again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let job = app.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+    assert_eq!(job["state"], "succeeded");
+    pool.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_resumes_from_its_last_checkpoint_in_a_new_attempt() {
+    let app = spawn_runner(&[]).await;
+    corpus(&app).await;
+    tokenizer(&app).await;
+
+    let id = app.submit(pretrain_spec(400, 4)).await;
+    let path = format!("/v1/jobs/{id}");
+    let waited = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let checkpoints = app.get(&format!("{path}/checkpoints")).await;
+            let job = app.get(&path).await;
+            let pid = job["attempts"][0]["worker_pid"].as_i64().unwrap_or(0);
+            if !checkpoints["data"].as_array().expect("a list").is_empty() && pid > 0 {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let pid = waited.expect("a first checkpoint within the patience");
+    // Ensure the job is still mid-run: the kill must interrupt training, not a finished job.
+    let before = app.get(&path).await;
+    assert_eq!(before["state"], "running", "{before}");
+
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress"]["step"], 400);
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["state"], "lost");
+    assert_eq!(attempts[1]["state"], "succeeded");
+
+    // The second attempt continued from the newest checkpoint the first one recorded.
+    let checkpoints = app.get(&format!("{path}/checkpoints")).await;
+    let last_of_first = checkpoints["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|c| c["attempt"] == 1)
+        .filter_map(|c| c["step"].as_i64())
+        .max()
+        .expect("the first attempt checkpointed");
+    assert_eq!(
+        attempts[1]["resumed_from_step"].as_i64(),
+        Some(last_of_first)
+    );
+
+    // Never two at once: the first ended before the second started.
+    let ended: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(attempts[0]["ended_at"].clone()).expect("the first ended");
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(attempts[1]["started_at"].clone()).expect("the second started");
+    assert!(
+        ended <= started,
+        "attempt 1 ended {ended}, attempt 2 started {started}"
+    );
+
+    // The second attempt's first loss is the step after the checkpoint.
+    let metrics = app.get(&format!("{path}/metrics?names=loss")).await;
+    let first_of_second = metrics["series"]["loss"]
+        .as_array()
+        .expect("a series")
+        .iter()
+        .filter(|p| p["attempt"] == 2)
+        .filter_map(|p| p["step"].as_i64())
+        .min();
+    assert_eq!(first_of_second, Some(last_of_first + 1));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_message_is_acknowledged_before_training_runs() {
+    let app = spawn_runner(&[]).await;
+    corpus(&app).await;
+    tokenizer(&app).await;
+    let id = app.submit(pretrain_spec(400, 100)).await;
+    let path = format!("/v1/jobs/{id}");
+    common::eventually(PATIENCE, "training to be under way", || async {
+        let job = app.get(&path).await;
+        job["state"] == "running" && job["progress"]["step"].as_i64().unwrap_or(0) > 0
+    })
+    .await;
+
+    // Mid-run: the delivery is already recorded as handled (the framework acknowledges right
+    // after that commit) and nothing waits in the queue, so no consumer timeout can reach it.
+    let pool = app.runner_pool().await;
+    let queue = ferrite_training_runner::consumer::queue_name(&app.exchange);
+    let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = $1")
+        .bind(&queue)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        handled, 2,
+        "the tokenizer's and the pretraining job's JobRequested"
+    );
+    assert_eq!(
+        common::ready_messages(common::SHARED_AMQP_URL, &queue).await,
+        0
+    );
+
+    let (status, body) = app
+        .call(Method::POST, &format!("{path}/cancel"), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["attempts"][0]["state"], "cancelled");
+    let (status, _) = app
+        .call(Method::POST, &format!("{path}/cancel"), None)
+        .await;
+    assert_eq!(status, 409, "a cancelled job cannot be cancelled again");
+    pool.close().await;
+    app.stop().await;
+}
