@@ -258,16 +258,21 @@ impl TestGateway {
         body["token"].as_str().expect("a token").to_owned()
     }
 
-    /// Writes the chain model into the store under a fresh prefix and registers a version of
-    /// it with the stand-in registry as `name`, `name:1` and its id; returns the version.
+    /// Writes the chain model into the store and registers it (see [`Self::register_folder`]).
     pub async fn register_chain_model(&self, name: &str) -> Value {
         let dir = tempfile::tempdir().expect("a temp dir");
         save_chain_model(dir.path());
+        self.register_folder(name, dir.path()).await
+    }
+
+    /// Copies a Hugging Face folder into the store under a fresh prefix and registers a
+    /// version of it with the stand-in registry as `name`, `name:1` and its id.
+    pub async fn register_folder(&self, name: &str, dir: &Path) -> Value {
         let id = Uuid::now_v7();
         let prefix = format!("models/{id}/");
         let settings = Settings::load(None, &self.env).expect("valid");
         let storage = Storage::from_settings(&settings.store).expect("the store opens");
-        for entry in std::fs::read_dir(dir.path()).expect("reads") {
+        for entry in std::fs::read_dir(dir).expect("reads") {
             let entry = entry.expect("an entry");
             let file = entry.file_name().to_string_lossy().into_owned();
             let bytes = std::fs::read(entry.path()).expect("reads the file");
@@ -286,9 +291,8 @@ impl TestGateway {
         version
     }
 
-    /// Registers the chain model and deploys it as `name`.
-    pub async fn deploy_chain_model(&self, name: &str) -> Value {
-        let version = self.register_chain_model(name).await;
+    /// Deploys the registered version `name:1` as `name`.
+    pub async fn deploy(&self, name: &str) {
         let (status, body) = self
             .post(
                 "/v1/deployments",
@@ -297,6 +301,12 @@ impl TestGateway {
             )
             .await;
         assert_eq!(status, 201, "{body}");
+    }
+
+    /// Registers the chain model and deploys it as `name`.
+    pub async fn deploy_chain_model(&self, name: &str) -> Value {
+        let version = self.register_chain_model(name).await;
+        self.deploy(name).await;
         version
     }
 }
