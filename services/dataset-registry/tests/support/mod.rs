@@ -1,5 +1,10 @@
 //! A dataset registry on port 0 with its own database, exchange and s3s-fs store.
 
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
+
 use std::collections::BTreeMap;
 
 use ferrite_dataset_registry::DatasetRegistry;
