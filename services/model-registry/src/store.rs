@@ -37,17 +37,9 @@ pub struct ModelVersion {
     pub kind: String,
     /// Object-storage prefix of the Hugging Face folder, ending in `/`.
     pub artifact_prefix: String,
-    /// An adapter's base model version.
-    pub base_version_id: Option<Uuid>,
-    /// A quantised variant's source version.
-    pub source_version_id: Option<Uuid>,
-    pub quantization: Option<String>,
-    /// The version this one was trained or derived from.
-    pub parent_version_id: Option<Uuid>,
-    pub source_job_id: Option<Uuid>,
-    pub dataset_version_ids: Vec<Uuid>,
-    pub preference_dataset_version_ids: Vec<Uuid>,
-    pub campaign_ids: Vec<Uuid>,
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub origin: Origin,
     #[schema(value_type = BTreeMap<String, f64>)]
     pub metrics: Json<BTreeMap<String, f64>>,
     pub description: Option<String>,
@@ -55,6 +47,23 @@ pub struct ModelVersion {
     pub created_at: DateTime<Utc>,
     /// The aliases that point at this version now.
     pub aliases: Vec<String>,
+}
+
+/// Where a version came from: its lineage, as registered.
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Origin {
+    /// An adapter's base model version.
+    pub base_version_id: Option<Uuid>,
+    /// A quantised variant's source version.
+    pub source_version_id: Option<Uuid>,
+    pub quantization: Option<String>,
+    /// The version this one was trained or derived from; the lineage chain follows it.
+    pub parent_version_id: Option<Uuid>,
+    pub source_job_id: Option<Uuid>,
+    pub dataset_version_ids: Vec<Uuid>,
+    /// Reward and RL models: the preference datasets and labeling campaigns behind them.
+    pub preference_dataset_version_ids: Vec<Uuid>,
+    pub campaign_ids: Vec<Uuid>,
 }
 
 /// An alias and the version it points at.
@@ -73,14 +82,7 @@ pub struct Alias {
 pub struct NewVersion {
     pub kind: VersionKind,
     pub artifact_prefix: String,
-    pub base_version_id: Option<Uuid>,
-    pub source_version_id: Option<Uuid>,
-    pub quantization: Option<String>,
-    pub parent_version_id: Option<Uuid>,
-    pub source_job_id: Option<Uuid>,
-    pub dataset_version_ids: Vec<Uuid>,
-    pub preference_dataset_version_ids: Vec<Uuid>,
-    pub campaign_ids: Vec<Uuid>,
+    pub origin: Origin,
     pub metrics: BTreeMap<String, f64>,
     pub description: Option<String>,
     pub created_by: String,
@@ -241,14 +243,14 @@ pub async fn insert_version(
     .bind(number)
     .bind(new.kind.as_str())
     .bind(&new.artifact_prefix)
-    .bind(new.base_version_id)
-    .bind(new.source_version_id)
-    .bind(new.quantization.as_deref())
-    .bind(new.parent_version_id)
-    .bind(new.source_job_id)
-    .bind(&new.dataset_version_ids)
-    .bind(&new.preference_dataset_version_ids)
-    .bind(&new.campaign_ids)
+    .bind(new.origin.base_version_id)
+    .bind(new.origin.source_version_id)
+    .bind(new.origin.quantization.as_deref())
+    .bind(new.origin.parent_version_id)
+    .bind(new.origin.source_job_id)
+    .bind(&new.origin.dataset_version_ids)
+    .bind(&new.origin.preference_dataset_version_ids)
+    .bind(&new.origin.campaign_ids)
     .bind(Json(&new.metrics))
     .bind(new.description.as_deref())
     .bind(&new.created_by)
@@ -261,7 +263,7 @@ pub async fn insert_version(
         version_id: id.to_string(),
         version: u32::try_from(number).unwrap_or_default(),
         artifact_prefix: new.artifact_prefix.clone(),
-        source_job_id: new.source_job_id.map(|job| job.to_string()),
+        source_job_id: new.origin.source_job_id.map(|job| job.to_string()),
     };
     outbox::enqueue(&mut *conn, &event).await?;
     tracing::info!(

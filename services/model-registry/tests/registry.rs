@@ -247,7 +247,7 @@ async fn protected_aliases_need_an_admin_and_every_move_emits_alias_moved() {
 #[tokio::test]
 async fn a_corrupt_upload_is_refused_naming_the_file_and_leaves_nothing() {
     let registry = support::spawn().await;
-    registry.create_model("smol").await;
+    assert_eq!(registry.create_model("smol").await, 201);
 
     let mut truncated = tiny_model_folder();
     truncated.insert("model.safetensors".into(), safetensors(4096));
@@ -284,7 +284,7 @@ async fn a_corrupt_upload_is_refused_naming_the_file_and_leaves_nothing() {
 #[tokio::test]
 async fn an_upload_refused_at_registration_removes_its_stored_files() {
     let registry = support::spawn().await;
-    registry.create_model("smol").await;
+    assert_eq!(registry.create_model("smol").await, 201);
     // The folder is fine, but the base it names does not exist: that is found only after the
     // files were stored, which must then be deleted.
     let query = format!("kind=model&base_version={}", Uuid::now_v7());

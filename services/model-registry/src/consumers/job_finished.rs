@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::domain::{ModelName, VersionKind, parse_ids};
 use crate::error::RegistryError;
-use crate::store::{self, NewVersion};
+use crate::store::{self, NewVersion, Origin};
 
 /// The queue's name under the events exchange, so each deployment (and test) has its own.
 pub fn queue_name(exchange: &str) -> String {
@@ -101,14 +101,13 @@ impl Registration {
         let version = NewVersion {
             kind,
             artifact_prefix,
-            base_version_id: base.filter(|_| kind == VersionKind::Adapter),
-            source_version_id: None,
-            quantization: None,
-            parent_version_id: base,
-            source_job_id: Some(job_id),
-            dataset_version_ids: parse_ids("dataset version", &event.dataset_version_ids)?,
-            preference_dataset_version_ids: Vec::new(),
-            campaign_ids: Vec::new(),
+            origin: Origin {
+                base_version_id: base.filter(|_| kind == VersionKind::Adapter),
+                parent_version_id: base,
+                source_job_id: Some(job_id),
+                dataset_version_ids: parse_ids("dataset version", &event.dataset_version_ids)?,
+                ..Origin::default()
+            },
             metrics: event
                 .final_metrics
                 .iter()
@@ -149,16 +148,17 @@ mod tests {
         assert_eq!(job.version.kind, VersionKind::Model);
         assert_eq!(
             job.version
+                .origin
                 .parent_version_id
                 .map(|id| id.to_string())
                 .as_deref(),
             Some(base)
         );
         assert_eq!(
-            job.version.base_version_id, None,
+            job.version.origin.base_version_id, None,
             "only adapters have a base"
         );
-        assert_eq!(job.version.dataset_version_ids.len(), 1);
+        assert_eq!(job.version.origin.dataset_version_ids.len(), 1);
     }
 
     #[test]
@@ -166,7 +166,7 @@ mod tests {
         let base = "0190c2a4-0000-7000-8000-0000000000b0";
         let job = Registration::parse(&finished("lora", Some(base))).expect("valid");
         assert_eq!(job.version.kind, VersionKind::Adapter);
-        assert!(job.version.base_version_id.is_some());
+        assert!(job.version.origin.base_version_id.is_some());
         assert!(Registration::parse(&finished("qlora", None)).is_err());
     }
 

@@ -10,6 +10,7 @@ use ferrite_platform::amqp::outbox;
 use ferrite_platform::auth::{Principal, Role};
 use ferrite_proto::AliasMoved;
 use serde::Deserialize;
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::models::parse_model_name;
@@ -38,6 +39,20 @@ fn parse_alias(text: &str) -> Result<AliasName, RegistryError> {
     AliasName::parse(text).map_err(|e| RegistryError::invalid("alias", e))
 }
 
+/// Checks the caller and the path, and opens the transaction an alias change runs in.
+async fn begin<'a>(
+    principal: &Principal,
+    state: &'a RegistryState,
+    path: &(String, String),
+) -> Result<(Transaction<'a, Postgres>, Model, AliasName), ApiError> {
+    require_engineer(principal)?;
+    let name = parse_model_name(&path.0)?;
+    let alias = parse_alias(&path.1)?;
+    let mut tx = state.pool.begin().await?;
+    let model = store::model(&mut tx, &name).await?;
+    Ok((tx, model, alias))
+}
+
 /// Refuses a non-admin when the alias is protected before or after the change.
 fn check_protection(
     principal: &Principal,
@@ -62,11 +77,7 @@ pub async fn set_alias(
     path: web::Path<(String, String)>,
     body: web::Json<SetAlias>,
 ) -> Result<HttpResponse, ApiError> {
-    require_engineer(&principal)?;
-    let name = parse_model_name(&path.0)?;
-    let alias = parse_alias(&path.1)?;
-    let mut tx = state.pool.begin().await?;
-    let model = store::model(&mut tx, &name).await?;
+    let (mut tx, model, alias) = begin(&principal, &state, &path).await?;
     let target = selected_version(&mut tx, &model, &body.version).await?;
     let existing = store::alias_for_update(&mut tx, model.id, &alias).await?;
 
@@ -142,11 +153,7 @@ pub async fn delete_alias(
     state: web::Data<RegistryState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    require_engineer(&principal)?;
-    let name = parse_model_name(&path.0)?;
-    let alias = parse_alias(&path.1)?;
-    let mut tx = state.pool.begin().await?;
-    let model = store::model(&mut tx, &name).await?;
+    let (mut tx, model, alias) = begin(&principal, &state, &path).await?;
     let existing = store::alias_for_update(&mut tx, model.id, &alias)
         .await?
         .ok_or_else(|| RegistryError::AliasNotFound(alias.to_string()))?;

@@ -71,12 +71,12 @@ pub async fn lineage(
     let mut steps = Vec::with_capacity(chain.len());
     for version in chain.into_iter().take(MAX_DEPTH) {
         steps.push(LineageStep {
-            source_job_id: version.source_job_id,
-            datasets: datasets.describe(&version.dataset_version_ids).await,
+            source_job_id: version.origin.source_job_id,
+            datasets: datasets.describe(&version.origin.dataset_version_ids).await,
             preference_datasets: datasets
-                .describe(&version.preference_dataset_version_ids)
+                .describe(&version.origin.preference_dataset_version_ids)
                 .await,
-            campaign_ids: version.campaign_ids.clone(),
+            campaign_ids: version.origin.campaign_ids.clone(),
             version,
         });
     }
@@ -94,7 +94,7 @@ async fn chain(state: &RegistryState, id: Uuid) -> Result<Vec<ModelVersion>, Api
     let mut conn = state.pool.acquire().await?;
     let mut chain = vec![store::version(&mut conn, id).await?];
     while chain.len() <= MAX_DEPTH {
-        let Some(parent) = chain.last().and_then(|v| v.parent_version_id) else {
+        let Some(parent) = chain.last().and_then(|v| v.origin.parent_version_id) else {
             break;
         };
         chain.push(store::version(&mut conn, parent).await?);

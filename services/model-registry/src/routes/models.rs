@@ -7,14 +7,15 @@ use ferrite_platform::ApiError;
 use ferrite_platform::auth::Principal;
 use ferrite_platform::storage::ObjectKey;
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use super::{RegistryState, require_engineer};
 use crate::artifacts;
 use crate::domain::{InvalidInput, ModelName, VersionKind, VersionReference, parse_ids};
 use crate::error::RegistryError;
-use crate::store::{self, Alias, Model, ModelVersion, NewVersion};
+use crate::store::{self, Alias, Model, ModelVersion, NewVersion, Origin};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +72,19 @@ pub(crate) fn parse_model_name(text: &str) -> Result<ModelName, RegistryError> {
     ModelName::parse(text).map_err(|e| RegistryError::invalid("name", e))
 }
 
+/// The model a read route names, with the connection that found it.
+async fn named_model(
+    principal: &Principal,
+    state: &RegistryState,
+    name: &str,
+) -> Result<(PoolConnection<Postgres>, Model), ApiError> {
+    require_engineer(principal)?;
+    let name = parse_model_name(name)?;
+    let mut conn = state.pool.acquire().await?;
+    let model = store::model(&mut conn, &name).await?;
+    Ok((conn, model))
+}
+
 #[utoipa::path(get, path = "/v1/registry/models/{name}", tag = "model-registry",
     responses((status = 200, body = ModelDetail), (status = 404)))]
 pub async fn get_model(
@@ -78,10 +92,7 @@ pub async fn get_model(
     state: web::Data<RegistryState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_engineer(&principal)?;
-    let name = parse_model_name(&name)?;
-    let mut conn = state.pool.acquire().await?;
-    let model = store::model(&mut conn, &name).await?;
+    let (mut conn, model) = named_model(&principal, &state, &name).await?;
     let versions = store::versions(&mut conn, model.id).await?;
     let aliases = store::aliases(&mut conn, model.id).await?;
     Ok(HttpResponse::Ok().json(ModelDetail {
@@ -99,10 +110,7 @@ pub async fn list_versions(
     state: web::Data<RegistryState>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_engineer(&principal)?;
-    let name = parse_model_name(&name)?;
-    let mut conn = state.pool.acquire().await?;
-    let model = store::model(&mut conn, &name).await?;
+    let (mut conn, model) = named_model(&principal, &state, &name).await?;
     Ok(HttpResponse::Ok().json(store::versions(&mut conn, model.id).await?))
 }
 
@@ -222,17 +230,19 @@ pub(crate) async fn new_version(
     Ok(NewVersion {
         kind,
         artifact_prefix,
-        base_version_id: base,
-        source_version_id: source,
-        quantization: lineage.quantization.clone(),
-        parent_version_id: parent.or(base).or(source),
-        source_job_id: lineage.source_job_id,
-        dataset_version_ids: ids("dataset_version_ids", &lineage.dataset_version_ids)?,
-        preference_dataset_version_ids: ids(
-            "preference_dataset_version_ids",
-            &lineage.preference_dataset_version_ids,
-        )?,
-        campaign_ids: ids("campaign_ids", &lineage.campaign_ids)?,
+        origin: Origin {
+            base_version_id: base,
+            source_version_id: source,
+            quantization: lineage.quantization.clone(),
+            parent_version_id: parent.or(base).or(source),
+            source_job_id: lineage.source_job_id,
+            dataset_version_ids: ids("dataset_version_ids", &lineage.dataset_version_ids)?,
+            preference_dataset_version_ids: ids(
+                "preference_dataset_version_ids",
+                &lineage.preference_dataset_version_ids,
+            )?,
+            campaign_ids: ids("campaign_ids", &lineage.campaign_ids)?,
+        },
         metrics: lineage.metrics.clone(),
         description: lineage.description.clone(),
         created_by: principal.name.clone(),

@@ -108,7 +108,8 @@ impl Registry {
         self.call(Method::GET, path, ADMIN_TOKEN, None).await
     }
 
-    pub async fn create_model(&self, name: &str) {
+    /// Creates the model `name`; returns the status (201, or 409 when it exists).
+    pub async fn create_model(&self, name: &str) -> reqwest::StatusCode {
         let (status, body) = self
             .call(
                 Method::POST,
@@ -117,7 +118,8 @@ impl Registry {
                 Some(json!({"name": name})),
             )
             .await;
-        assert_eq!(status, 201, "{body}");
+        assert!(status == 201 || status == 409, "{body}");
+        status
     }
 
     /// Uploads a tar to `/v1/registry/models/{name}/uploads?{query}`.
@@ -143,15 +145,7 @@ impl Registry {
     /// Uploads a valid tiny model folder as the next version of `name` (created when new)
     /// and returns the version.
     pub async fn upload_tiny_as(&self, name: &str) -> Value {
-        let (status, body) = self
-            .call(
-                Method::POST,
-                "/v1/registry/models",
-                ADMIN_TOKEN,
-                Some(json!({"name": name})),
-            )
-            .await;
-        assert!(status == 201 || status == 409, "{body}");
+        self.create_model(name).await;
         let (status, version) = self.upload(name, "", tar_of(&tiny_model_folder())).await;
         assert_eq!(status, 201, "{version}");
         version
