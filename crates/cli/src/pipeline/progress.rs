@@ -1,6 +1,8 @@
 //! One progress bar per stage: steps done, live loss and tokens/s, and indicatif's ETA.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -9,6 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 #[derive(Debug, Clone)]
 pub struct JobBar {
     bar: ProgressBar,
+    /// Without a terminal: the step of the last plain progress line.
+    logged_step: Arc<AtomicU64>,
 }
 
 /// A bar for a stage that counts steps.
@@ -23,7 +27,10 @@ pub fn job_bar(bars: &MultiProgress, stage: &str, kind: &str) -> JobBar {
     );
     bar.set_prefix(format!("{stage} ({kind})"));
     bar.enable_steady_tick(Duration::from_millis(500));
-    JobBar { bar }
+    JobBar {
+        bar,
+        logged_step: Arc::default(),
+    }
 }
 
 /// A spinner for a stage without steps (register, deploy, uploads).
@@ -35,7 +42,10 @@ pub fn spinner(bars: &MultiProgress, label: &str) -> JobBar {
     );
     bar.set_prefix(label.to_owned());
     bar.enable_steady_tick(Duration::from_millis(200));
-    JobBar { bar }
+    JobBar {
+        bar,
+        logged_step: Arc::default(),
+    }
 }
 
 impl JobBar {
@@ -47,7 +57,15 @@ impl JobBar {
     }
 
     pub fn set_metrics(&self, latest: &BTreeMap<String, f64>, state: &str) {
-        self.bar.set_message(describe(latest, state));
+        let message = describe(latest, state);
+        // Without a terminal, a plain line about every tenth of the run stands in for the bar.
+        let (step, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let logged = self.logged_step.load(Ordering::Relaxed);
+        if self.bar.is_hidden() && total > 0 && step >= logged + total.div_ceil(10) {
+            self.logged_step.store(step, Ordering::Relaxed);
+            eprintln!("{:>14} step {step}/{total}  {message}", self.bar.prefix());
+        }
+        self.bar.set_message(message);
     }
 
     pub fn message(&self, text: &str) {
@@ -55,11 +73,20 @@ impl JobBar {
     }
 
     pub fn finish(&self, text: &str) {
-        self.bar.finish_with_message(format!("done: {text}"));
+        self.end(format!("done: {text}"));
     }
 
     pub fn fail(&self, text: &str) {
-        self.bar.abandon_with_message(format!("FAILED: {text}"));
+        self.end(format!("FAILED: {text}"));
+    }
+
+    /// Leaves the bar with its last message; without a terminal (CI, a log file) the bar
+    /// draws nothing, so the outcome is printed as a plain line instead.
+    fn end(&self, message: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{:>14} {message}", self.bar.prefix());
+        }
+        self.bar.abandon_with_message(message);
     }
 }
 

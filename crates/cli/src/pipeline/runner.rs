@@ -1,9 +1,9 @@
 //! Runs a checked pipeline: uploads its datasets, finds its models, then each stage in order.
 //!
 //! Stages run in file order, which the checks made a valid order (a `stage:` reference points
-//! backwards). The state is saved after every step; a stage that finished with the same spec is
-//! skipped on a rerun, and once one stage runs again every later stage does too, since its
-//! inputs may have changed.
+//! backwards). The state is saved after every step; a stage that finished with the same spec
+//! and the same resolved inputs is skipped on a rerun, so a stage whose upstream ran again runs
+//! again too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use super::client::{Client, dataset_format, field};
 use super::jobs::JobEnded;
 use super::jobs::version_label;
 use super::progress;
-use super::spec::{DatasetUpload, ModelImport, Pipeline, Reference, StageSpec};
+use super::spec::{DatasetUpload, ModelImport, Pipeline, Reference, StageSpec, stage_references};
 use super::stages;
 use super::state::{self, DatasetRecord, RunState, StageRecord, StageStatus};
 
@@ -129,31 +129,42 @@ impl Run {
             self.find_model(&import).await?;
         }
         self.save()?;
-        let mut rerun_rest = false;
         for stage in self.pipeline.stages.clone() {
-            let digest = state::digest(&stage);
+            // The digest covers what the stage reads as well as what it says, so a stage whose
+            // dataset or upstream model changed runs again.
+            let inputs = self.resolved_inputs(&stage);
+            let digest = state::digest(&stage, &inputs);
             let previous = self.state.stages.get(&stage.name);
             let done = previous.is_some_and(|record| {
                 record.status == StageStatus::Succeeded && record.spec_digest == digest
             });
-            if done && !rerun_rest {
+            if done {
                 eprintln!("{:>14} finished earlier, skipped", stage.name);
                 continue;
             }
-            rerun_rest = true;
-            // A running job is followed again; anything else starts over.
+            // A job still running is followed again; anything else starts over.
             let resumable = previous.is_some_and(|record| {
                 record.status == StageStatus::Running && record.spec_digest == digest
             });
             if !resumable {
-                self.state
-                    .stages
-                    .insert(stage.name.clone(), StageRecord::new(&stage));
+                let mut record = StageRecord::new(&stage);
+                record.spec_digest = digest;
+                self.state.stages.insert(stage.name.clone(), record);
             }
             self.save()?;
             self.run_stage(&stage).await?;
         }
         Ok(())
+    }
+
+    /// What each of the stage's references means now; an unresolvable one stays as written.
+    fn resolved_inputs(&self, stage: &StageSpec) -> Vec<String> {
+        stage_references(&stage.inputs)
+            .map(|reference| {
+                self.resolve(&reference.value)
+                    .unwrap_or_else(|_| format!("{:?}", reference.value))
+            })
+            .collect()
     }
 
     async fn run_stage(&mut self, stage: &StageSpec) -> anyhow::Result<()> {

@@ -85,7 +85,7 @@ impl StageRecord {
         Self {
             kind: stage.kind,
             status: StageStatus::Running,
-            spec_digest: digest(stage),
+            spec_digest: String::new(),
             job_id: None,
             model_version_id: None,
             model_label: None,
@@ -100,9 +100,10 @@ impl StageRecord {
     }
 }
 
-/// A stable digest of what a stage asks for: kind, inputs and options, not its line numbers.
-pub fn digest(stage: &StageSpec) -> String {
-    let written = stage.node.to_json();
+/// A stable digest of what a stage asks for (kind, inputs and options as written, not their
+/// line numbers) and of what its inputs resolved to.
+pub fn digest(stage: &StageSpec, resolved_inputs: &[String]) -> String {
+    let written = serde_json::json!([stage.node.to_json(), resolved_inputs]);
     hex::encode(Sha256::digest(written.to_string().as_bytes()))
 }
 
