@@ -1,5 +1,6 @@
 //! The `ferrite` command.
 
+mod dataset;
 mod demo;
 mod pipeline;
 mod up;
@@ -56,6 +57,11 @@ enum Command {
         /// Where run states and reports are kept.
         #[arg(long, default_value = ".ferrite/runs")]
         runs_dir: PathBuf,
+    },
+    /// Upload, list and show datasets.
+    Dataset {
+        #[command(subcommand)]
+        command: dataset::DatasetCommand,
     },
     /// Check or run a pipeline file.
     Pipeline {
@@ -119,6 +125,9 @@ async fn main() -> ExitCode {
                 runs_dir,
             };
             report_failure("ferrite demo", demo::run(options).await)
+        }
+        Command::Dataset { command } => {
+            report_failure("ferrite dataset", dataset::run(command).await)
         }
         Command::Pipeline { command } => {
             report_failure("ferrite pipeline", run_pipeline(command).await)
