@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod consumers;
 pub mod domain;
 pub mod error;
+pub mod import;
 pub mod routes;
 pub mod store;
 
