@@ -6,6 +6,7 @@
 //! which leaves admission, scheduling and RBAC untested; the README says more.
 
 mod manifest;
+mod validate;
 mod watch;
 
 use anyhow::Context as _;
@@ -21,6 +22,7 @@ pub use manifest::{
     ATTEMPT_LABEL, JOB_ID_LABEL, KIND_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL,
     SETTINGS_SECRET, WORKER_NAME, WorkerTemplate, job_manifest, job_name,
 };
+pub use validate::{InvalidResources, validate_resources};
 pub use watch::{AttemptKey, JobOutcome, Tracker};
 
 use crate::backend::{AttemptLaunch, Backend, EndedSender};
@@ -88,6 +90,9 @@ impl Backend for KubernetesBackend {
 
     #[tracing::instrument(skip_all, fields(job.id = %launch.job_id, attempt = launch.attempt))]
     async fn launch(&self, launch: &AttemptLaunch) -> anyhow::Result<()> {
+        // The REST layer should have refused this already; checking again keeps a bad spec
+        // from reaching the API server as a 422 with a less helpful message.
+        validate_resources(&launch.resources)?;
         let job = self.manifest(launch);
         let name = job_name(launch.job_id, launch.attempt);
         let key = AttemptKey {

@@ -564,6 +564,77 @@ async fn launching_an_attempt_twice_keeps_one_job_and_a_name_clash_is_refused() 
     );
 }
 
+#[tokio::test]
+async fn a_spec_the_api_server_would_refuse_never_reaches_it() {
+    let harness = Harness::start();
+    let mut launch = cpu_launch();
+    launch.resources.memory = Some("16GB".to_owned());
+
+    let error = harness.backend.launch(&launch).await.expect_err("16GB");
+
+    assert!(
+        format!("{error:#}").contains("resources.memory"),
+        "{error:#}"
+    );
+    assert!(harness.server.created().is_empty());
+    assert_eq!(harness.backend.running().await, 0);
+}
+
+/// The worker in the pod loads its settings from the manifest's variables plus the Secret's;
+/// it must arrive at the runner's store, lease and credentials, with the scratch folder
+/// where the volume is mounted.
+#[test]
+fn the_worker_loads_the_runners_settings_from_the_manifest_and_the_secret() {
+    let runner = settings();
+    let job = job_manifest(&WorkerTemplate::from_settings(&runner), &gpu_launch());
+    let container = &job
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+        .containers[0];
+    let mut env: BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|var| (var.name.clone(), var.value.clone().unwrap_or_default()))
+        .collect();
+    // What the operator puts in the `ferrite-settings` Secret.
+    env.extend([
+        (
+            "FERRITE_DATABASE_URL".to_owned(),
+            runner.database.url.expose().to_string(),
+        ),
+        (
+            "FERRITE_S3_ACCESS_KEY".to_owned(),
+            "AKIA-NEVER-INLINED".to_owned(),
+        ),
+        (
+            "FERRITE_S3_SECRET_KEY".to_owned(),
+            "secret-never-inlined".to_owned(),
+        ),
+    ]);
+
+    let worker = Settings::load(None, &env).expect("the worker's settings load");
+
+    assert_eq!(worker.store.location, runner.store.location);
+    assert_eq!(worker.store.s3_endpoint, runner.store.s3_endpoint);
+    assert_eq!(worker.worker.lease, runner.worker.lease);
+    assert_eq!(
+        worker.database.url.expose().as_str(),
+        runner.database.url.expose().as_str()
+    );
+    let mounts = container.volume_mounts.as_deref().unwrap_or_default();
+    let scratch = worker.worker.scratch_dir.expect("a scratch folder");
+    assert!(
+        mounts
+            .iter()
+            .any(|m| std::path::Path::new(&m.mount_path) == scratch),
+        "{scratch:?} is not a mounted volume"
+    );
+}
+
 /// Writes the manifests of representative specs as YAML for `scripts/test-k8s-manifests.sh`.
 #[test]
 #[ignore = "writes files; run by scripts/test-k8s-manifests.sh with FERRITE_K8S_MANIFEST_DIR"]

@@ -304,3 +304,111 @@ impl Watch {
         ended
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+
+    use super::*;
+
+    fn key(attempt: u32) -> AttemptKey {
+        AttemptKey {
+            job_id: Uuid::from_u128(7),
+            attempt,
+        }
+    }
+
+    fn job_with(conditions: &[(&str, &str, Option<&str>)]) -> Job {
+        Job {
+            status: Some(JobStatus {
+                conditions: Some(
+                    conditions
+                        .iter()
+                        .map(|(kind, status, reason)| JobCondition {
+                            type_: (*kind).to_owned(),
+                            status: (*status).to_owned(),
+                            reason: reason.map(str::to_owned),
+                            ..JobCondition::default()
+                        })
+                        .collect(),
+                ),
+                ..JobStatus::default()
+            }),
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn only_true_complete_or_failed_conditions_end_a_job() {
+        assert_eq!(JobOutcome::of(&Job::default()), JobOutcome::Running);
+        // Kubernetes 1.31+ sets these first, while the pods are still terminating.
+        let pending = job_with(&[
+            ("SuccessCriteriaMet", "True", None),
+            ("FailureTarget", "True", Some("DeadlineExceeded")),
+        ]);
+        assert_eq!(JobOutcome::of(&pending), JobOutcome::Running);
+        let suspended_failure = job_with(&[("Failed", "False", Some("BackoffLimitExceeded"))]);
+        assert_eq!(JobOutcome::of(&suspended_failure), JobOutcome::Running);
+        assert_eq!(
+            JobOutcome::of(&job_with(&[("Complete", "True", None)])),
+            JobOutcome::Complete
+        );
+        assert_eq!(
+            JobOutcome::of(&job_with(&[("Failed", "True", Some("DeadlineExceeded"))])),
+            JobOutcome::Failed("DeadlineExceeded".into())
+        );
+    }
+
+    #[test]
+    fn an_attempt_is_reported_once_however_often_its_job_is_seen() {
+        let mut tracker = Tracker::default();
+        tracker.launched(key(1));
+        assert_eq!(tracker.observed(key(1), JobOutcome::Running), None);
+        assert_eq!(tracker.running(), 1);
+
+        let ended = tracker.observed(key(1), JobOutcome::Complete);
+        assert!(ended.is_some_and(|e| e.clean && e.attempt == 1));
+        assert_eq!(tracker.running(), 0);
+        assert_eq!(tracker.observed(key(1), JobOutcome::Complete), None);
+        assert_eq!(tracker.deleted(key(1), JobOutcome::Complete), None);
+    }
+
+    #[test]
+    fn a_job_that_ends_before_launch_returns_is_not_counted_as_running() {
+        let mut tracker = Tracker::default();
+        assert!(
+            tracker
+                .observed(key(2), JobOutcome::Failed("x".into()))
+                .is_some()
+        );
+        tracker.launched(key(2));
+        assert_eq!(tracker.running(), 0);
+    }
+
+    #[test]
+    fn a_deleted_running_job_ends_its_attempt_and_says_who_deleted_it() {
+        let mut tracker = Tracker::default();
+        tracker.launched(key(1));
+        tracker.launched(key(2));
+        tracker.stopping(key(1));
+
+        let stopped = tracker.deleted(key(1), JobOutcome::Running).expect("ended");
+        assert_eq!(
+            stopped.detail,
+            "Kubernetes Job deleted: stopped by the runner"
+        );
+        let lost = tracker.deleted(key(2), JobOutcome::Running).expect("ended");
+        assert_eq!(lost.detail, "Kubernetes Job deleted before it finished");
+        assert!(!lost.clean);
+        assert_eq!(tracker.running(), 0);
+    }
+
+    #[test]
+    fn a_relist_names_the_running_attempts_it_did_not_show() {
+        let mut tracker = Tracker::default();
+        tracker.launched(key(1));
+        tracker.launched(key(2));
+        let listed = HashSet::from([key(2)]);
+        assert_eq!(tracker.missing(&listed), vec![key(1)]);
+    }
+}
