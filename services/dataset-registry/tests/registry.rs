@@ -385,13 +385,11 @@ async fn aliases_and_every_reference_form_resolve() {
 #[tokio::test]
 async fn reading_needs_a_token() {
     let registry = spawn(&[]).await;
-    let response = registry
-        .client
-        .get(registry.url("/v1/datasets"))
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let (status, body) = registry
+        .app
+        .call(Method::GET, "/v1/datasets", None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     registry.stop().await;
 }
 

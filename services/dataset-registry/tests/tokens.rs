@@ -77,7 +77,7 @@ async fn token_counts_come_from_the_named_models_tokenizer() {
     let tokenizer = Tokenizer::train(&config, LINES.iter()).expect("trains");
     let folder = tempfile::tempdir().expect("temp folder");
     tokenizer.save(folder.path()).expect("saves");
-    let settings = Settings::load(None, &registry.env).expect("valid");
+    let settings = Settings::load(None, &registry.app.settings_env).expect("valid");
     let storage = Storage::from_settings(&settings.store).expect("store");
     let prefix = ObjectKey::parse(ARTIFACT_PREFIX.trim_end_matches('/')).expect("valid");
     for file in ["tokenizer.json", "tokenizer_config.json"] {

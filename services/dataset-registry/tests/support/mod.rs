@@ -5,25 +5,18 @@
     reason = "each test binary uses a different part of this module"
 )]
 
-use std::collections::BTreeMap;
-
 use ferrite_dataset_registry::DatasetRegistry;
-use ferrite_platform::{Application, ServiceModule, Settings};
+use ferrite_platform::ServiceModule;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
-use crate::common::app::{ADMIN_TOKEN, test_env};
+use crate::common::TestDatabase;
+use crate::common::app::{ADMIN_TOKEN, TestApp, spawn_modules, test_env};
 use crate::common::s3::S3Server;
-use crate::common::{SHARED_AMQP_URL, TestDatabase};
 
+/// The running registry and the s3s-fs store it writes to.
 pub struct Registry {
-    pub address: String,
-    pub database: TestDatabase,
+    pub app: TestApp,
     pub s3: S3Server,
-    pub env: BTreeMap<String, String>,
-    shutdown: CancellationToken,
-    stopped: tokio::task::JoinHandle<anyhow::Result<()>>,
-    pub client: reqwest::Client,
 }
 
 /// Starts the registry (plus `extra` modules) with settings `extra_env` on top of the usual.
@@ -40,25 +33,10 @@ pub async fn spawn_with(
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
     let env = test_env(&database.name, &overrides);
-    let settings = Settings::load(None, &env).expect("test settings are valid");
-    let host = settings.http.host;
     let mut modules: Vec<Box<dyn ServiceModule>> = vec![Box::new(DatasetRegistry)];
     modules.extend(extra);
-    let application = Application::build(settings, modules)
-        .await
-        .expect("the application builds");
-    let address = format!("http://{host}:{}", application.port());
-    let shutdown = application.shutdown_token();
-    let stopped = tokio::spawn(application.run_until_stopped());
-    Registry {
-        address,
-        database,
-        s3,
-        env,
-        shutdown,
-        stopped,
-        client: reqwest::Client::new(),
-    }
+    let app = spawn_modules(database, env, modules).await;
+    Registry { app, s3 }
 }
 
 pub async fn spawn(extra_env: &[(&str, &str)]) -> Registry {
@@ -66,10 +44,6 @@ pub async fn spawn(extra_env: &[(&str, &str)]) -> Registry {
 }
 
 impl Registry {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.address)
-    }
-
     /// Uploads `body` to `/v1/datasets/{name}/versions?{query}`; gzip-encoded when `gzip`.
     pub async fn upload(
         &self,
@@ -79,8 +53,12 @@ impl Registry {
         gzip: bool,
     ) -> (reqwest::StatusCode, serde_json::Value) {
         let mut request = self
+            .app
             .client
-            .post(self.url(&format!("/v1/datasets/{name}/versions?{query}")))
+            .post(
+                self.app
+                    .url(&format!("/v1/datasets/{name}/versions?{query}")),
+            )
             .bearer_auth(ADMIN_TOKEN)
             .header("content-type", "application/octet-stream");
         if gzip {
@@ -104,19 +82,7 @@ impl Registry {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (reqwest::StatusCode, serde_json::Value) {
-        let mut request = self
-            .client
-            .request(method, self.url(path))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("the registry answers");
-        let status = response.status();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        )
+        self.app.call(method, path, Some(ADMIN_TOKEN), body).await
     }
 
     pub async fn get(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
@@ -126,8 +92,12 @@ impl Registry {
     /// The stored bytes of a version, through the download route.
     pub async fn content(&self, version_id: &str) -> Vec<u8> {
         let response = self
+            .app
             .client
-            .get(self.url(&format!("/v1/datasets/versions/{version_id}/content")))
+            .get(
+                self.app
+                    .url(&format!("/v1/datasets/versions/{version_id}/content")),
+            )
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
@@ -140,7 +110,7 @@ impl Registry {
     pub async fn pool(&self) -> PgPool {
         PgPool::connect(&format!(
             "postgres://postgres@127.0.0.1:5432/{}?options=-c%20search_path%3Ddataset_registry",
-            self.database.name
+            self.app.database.name
         ))
         .await
         .expect("connect to the registry schema")
@@ -164,11 +134,7 @@ impl Registry {
     }
 
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.stopped.await.expect("joins").expect("stops cleanly");
-        self.database.drop().await;
-        let settings = Settings::load(None, &self.env).expect("valid");
-        crate::common::delete_topology(SHARED_AMQP_URL, &settings.amqp, &[]).await;
+        self.app.stop().await;
     }
 }
 
