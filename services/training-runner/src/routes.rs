@@ -125,6 +125,12 @@ async fn view(pool: &PgPool, row: store::JobRow) -> Result<JobView, ApiError> {
     })
 }
 
+/// Checks the caller may read jobs and that job `id` exists.
+async fn readable(principal: &Principal, api: &JobsApi, id: Uuid) -> Result<(), ApiError> {
+    principal.require(&[Role::Engineer])?;
+    existing(&api.pool, id).await.map(|_| ())
+}
+
 async fn existing(pool: &PgPool, id: Uuid) -> Result<store::JobRow, ApiError> {
     store::job(pool, id)
         .await?
@@ -256,8 +262,7 @@ async fn job_metrics(
     id: web::Path<Uuid>,
     query: web::Query<MetricsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    principal.require(&[Role::Engineer])?;
-    existing(&api.pool, *id).await?;
+    readable(&principal, &api, *id).await?;
     let names: Vec<String> = query
         .names
         .as_deref()
@@ -288,8 +293,7 @@ async fn job_logs(
     api: web::Data<JobsApi>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    principal.require(&[Role::Engineer])?;
-    existing(&api.pool, *id).await?;
+    readable(&principal, &api, *id).await?;
     let data = store::logs(&api.pool, *id, 10_000).await?;
     Ok(HttpResponse::Ok().json(List { data }))
 }
@@ -301,10 +305,10 @@ async fn job_checkpoints(
     api: web::Data<JobsApi>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    principal.require(&[Role::Engineer])?;
-    existing(&api.pool, *id).await?;
-    let data = store::checkpoints(&api.pool, *id).await?;
-    Ok(HttpResponse::Ok().json(List { data }))
+    readable(&principal, &api, *id).await?;
+    Ok(HttpResponse::Ok().json(List {
+        data: store::checkpoints(&api.pool, *id).await?,
+    }))
 }
 
 /// Cancels a job: at once when it has not started, at the worker's next step when it runs.

@@ -173,9 +173,24 @@ pub struct RunnerApp {
     _s3: S3Server,
 }
 
-/// Starts the runner (local backend, this crate's binary as the worker) on a fresh database,
-/// the shared broker under a fresh exchange, and a private s3s-fs.
+/// Which services answer the runner's resolve calls and consume its JobFinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// A stand-in answering from [`Registries`].
+    StandIn,
+    /// The real dataset and model registries.
+    Real,
+}
+
+/// Starts the runner (local backend, this crate's binary as the worker) with stand-in
+/// registries on a fresh database, the shared broker under a fresh exchange, and a private
+/// s3s-fs.
 pub async fn spawn_runner(extra: &[(&str, &str)]) -> RunnerApp {
+    spawn_runner_with(Peers::StandIn, extra).await
+}
+
+/// As [`spawn_runner`], with the registries `peers` names.
+pub async fn spawn_runner_with(peers: Peers, extra: &[(&str, &str)]) -> RunnerApp {
     let database = TestDatabase::create().await;
     let s3 = S3Server::start().await;
     let scratch = std::env::temp_dir().join(unique_name("ferrite-scratch"));
@@ -202,13 +217,26 @@ pub async fn spawn_runner(extra: &[(&str, &str)]) -> RunnerApp {
     let registries = Arc::new(Registries::default());
     let exchange = env["FERRITE_AMQP_EXCHANGE"].clone();
     let finished_queue = format!("{exchange}.stand-in-registry");
-    let modules: Vec<Box<dyn ServiceModule>> = vec![
-        Box::new(TrainingRunner),
-        Box::new(StandInRegistries {
-            state: registries.clone(),
-            queue: finished_queue.clone(),
-        }),
-    ];
+    let (modules, finished_queue): (Vec<Box<dyn ServiceModule>>, _) = match peers {
+        Peers::StandIn => (
+            vec![
+                Box::new(TrainingRunner),
+                Box::new(StandInRegistries {
+                    state: registries.clone(),
+                    queue: finished_queue.clone(),
+                }),
+            ],
+            finished_queue,
+        ),
+        Peers::Real => (
+            vec![
+                Box::new(TrainingRunner),
+                Box::new(ferrite_dataset_registry::DatasetRegistry),
+                Box::new(ferrite_model_registry::ModelRegistry),
+            ],
+            ferrite_model_registry::consumers::job_finished::queue_name(&exchange),
+        ),
+    };
     let app = spawn_modules(database, env, modules).await;
     RunnerApp {
         app,
