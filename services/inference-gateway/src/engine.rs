@@ -221,37 +221,79 @@ impl<'m> Server<'m> {
         }
     }
 
-    /// Moves waiting requests into the batch while their choices fit (one always may).
+    /// Moves waiting requests into the batch while their choices fit (one always may), with
+    /// one prefill for all of them.
     fn admit(&mut self) {
+        let mut admitted = Vec::new();
+        let mut sequences = self.batch.len();
         while let Some(front) = self.waiting.front() {
-            let fits = self.batch.len() + front.request.choices.len() <= self.max_batch_sequences;
-            if !fits && !self.batch.is_empty() {
-                return;
+            let choices = front.request.choices.len();
+            if sequences + choices > self.max_batch_sequences && sequences > 0 {
+                break;
             }
             let Some(queued) = self.waiting.pop_front() else {
-                return;
+                break;
             };
             self.metrics.waiting.dec();
             if queued.deltas.is_closed() {
                 continue;
             }
+            sequences += choices;
             self.metrics
                 .queue_time
                 .observe(queued.enqueued_at.elapsed().as_secs_f64());
             self.metrics
                 .prompt_tokens
                 .inc_by(queued.request.prompt.len() as u64);
-            let prompts: Vec<(Vec<u32>, SamplingParams)> = queued
-                .request
-                .choices
-                .iter()
-                .map(|params| (queued.request.prompt.clone(), params.clone()))
-                .collect();
-            match self.batch.add(&prompts) {
-                Ok(sequences) => self.activate(queued, sequences),
-                Err(error) => {
-                    let _ = queued.deltas.send(Err(error.into()));
+            admitted.push(queued);
+        }
+        if admitted.len() <= 1 {
+            if let Some(queued) = admitted.pop() {
+                self.add_alone(queued);
+            }
+            return;
+        }
+        let prompts: Vec<(Vec<u32>, SamplingParams)> = admitted
+            .iter()
+            .flat_map(|queued| {
+                let prompt = &queued.request.prompt;
+                queued
+                    .request
+                    .choices
+                    .iter()
+                    .map(move |params| (prompt.clone(), params.clone()))
+            })
+            .collect();
+        match self.batch.add(&prompts) {
+            Ok(ids) => {
+                let mut ids = ids.into_iter();
+                for queued in admitted {
+                    let count = queued.request.choices.len();
+                    let own: Vec<SequenceId> = ids.by_ref().take(count).collect();
+                    self.activate(queued, own);
                 }
+            }
+            // A request the batch refuses (an id outside the vocabulary, say) must not sink
+            // the others: add each alone, so only the culprit gets the error.
+            Err(_) => {
+                for queued in admitted {
+                    self.add_alone(queued);
+                }
+            }
+        }
+    }
+
+    fn add_alone(&mut self, queued: Queued) {
+        let prompts: Vec<(Vec<u32>, SamplingParams)> = queued
+            .request
+            .choices
+            .iter()
+            .map(|params| (queued.request.prompt.clone(), params.clone()))
+            .collect();
+        match self.batch.add(&prompts) {
+            Ok(ids) => self.activate(queued, ids),
+            Err(error) => {
+                let _ = queued.deltas.send(Err(error.into()));
             }
         }
     }

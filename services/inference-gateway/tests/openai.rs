@@ -482,3 +482,27 @@ async fn serving_metrics_appear_on_the_metrics_route() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_requests_share_the_batch_and_each_gets_its_own_answer() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    // Six requests of two choices each are twelve sequences, more than the eight an engine
+    // steps together, so some wait in the queue and join the running batch later. The chain
+    // model has no attention, so each greedy choice is CHAIN whatever it shares a batch with.
+    let requests = (0..6).map(|index| {
+        let gateway = &gateway;
+        async move {
+            let prompt = "p".repeat(index + 1);
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0, "n": 2});
+            gateway.post("/v1/completions", ADMIN_TOKEN, &body).await
+        }
+    });
+    for (status, body) in futures::future::join_all(requests).await {
+        assert_eq!(status, 200, "{body}");
+        for choice in body["choices"].as_array().expect("choices") {
+            assert_eq!(choice["text"], CHAIN);
+        }
+    }
+    gateway.stop().await;
+}
