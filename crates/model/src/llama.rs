@@ -483,6 +483,37 @@ impl Llama {
         self.norm.forward(&x)
     }
 
+    /// Logits `[batch, time, vocab]` for packed rows: several documents back to back in each
+    /// row, `document_ids` `[batch, time]` keeping attention inside each document (padding
+    /// gets an id of its own) and `position_ids` restarting at every document, so each
+    /// document is computed as if it were alone.
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        document_ids: &Tensor,
+    ) -> Tensor {
+        let time = input_ids.size()[1];
+        let device = self.embed_tokens.device();
+        let order = Tensor::arange(time, (Kind::Int64, device));
+        let causal = order
+            .unsqueeze(0)
+            .le_tensor(&order.unsqueeze(1))
+            .view([1, 1, time, time]);
+        let documents = document_ids.to_device(device);
+        let same_document = documents
+            .unsqueeze(2)
+            .eq_tensor(&documents.unsqueeze(1))
+            .unsqueeze(1);
+        let mask = Mask::Explicit(causal.logical_and(&same_document));
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let rotary = self.rotary(&position_ids.to_device(device), x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, &rotary, &mask, None);
+        }
+        self.logits_from_hidden(&self.norm.forward(&x))
+    }
+
     /// Projects hidden states to vocabulary logits.
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> Tensor {
         match &self.lm_head {

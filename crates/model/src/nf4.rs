@@ -8,7 +8,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::llama::Projection;
+use tch::nn;
+
+use crate::llama::{Dense, Llama, Projection};
 
 /// Weights per first-level block (one absmax each).
 pub const BLOCK_SIZE: usize = 64;
@@ -297,6 +299,41 @@ impl Projection for Nf4Projection {
         let weight = self.weight.dequantize(compute);
         x.to_kind(compute).matmul(&weight.tr()).to_kind(x.kind())
     }
+}
+
+/// Replaces every dense projection of `model` whose name `select` accepts by an NF4 one and
+/// drops its f32 weight from `var_store`, so the memory is actually returned. Returns how many
+/// projections were quantised. The store can no longer be saved as a whole model afterwards.
+pub fn quantize_projections(
+    model: &mut Llama,
+    var_store: &nn::VarStore,
+    select: impl Fn(&str) -> bool,
+) -> usize {
+    let mut quantised = Vec::new();
+    model.map_projections(|name, projection| {
+        if !select(name) {
+            return projection;
+        }
+        let any = projection.as_ref() as &dyn std::any::Any;
+        let Some(dense) = any.downcast_ref::<Dense>() else {
+            return projection;
+        };
+        quantised.push(format!("{name}.weight"));
+        // The dense layer is dropped on return; the store's handle goes below.
+        Box::new(Nf4Projection::new(&dense.weight))
+    });
+    if let Ok(mut variables) = var_store.variables_.lock() {
+        let mut dropped = Vec::new();
+        for name in &quantised {
+            if let Some(tensor) = variables.named_variables.remove(name) {
+                dropped.push(tensor.data_ptr());
+            }
+        }
+        variables
+            .trainable_variables
+            .retain(|var| !dropped.contains(&var.tensor.data_ptr()));
+    }
+    quantised.len()
 }
 
 #[cfg(test)]

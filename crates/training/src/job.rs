@@ -18,6 +18,7 @@ use tch::Device;
 
 use crate::data;
 use crate::pretrain::{Metrics, PretrainConfig, Pretrainer};
+use crate::sft::SftConfig;
 
 /// What a job trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,7 +187,9 @@ pub fn validate(kind: JobKind, hyper_parameters: &serde_json::Value) -> Result<(
     match kind {
         JobKind::Tokenizer => parse::<TokenizerJobConfig>(hyper_parameters)?.check(),
         JobKind::Pretrain => parse::<PretrainJobConfig>(hyper_parameters)?.check(),
-        JobKind::Sft | JobKind::Lora | JobKind::Qlora => Err(unsupported(kind)),
+        JobKind::Sft | JobKind::Lora | JobKind::Qlora => parse::<SftConfig>(hyper_parameters)?
+            .check()
+            .map_err(|(name, message)| field(name, message)),
         JobKind::Reward | JobKind::Ppo | JobKind::Grpo => Err(unsupported(kind)),
     }
 }
@@ -208,6 +211,13 @@ pub fn run(
         JobKind::Pretrain => {
             let config = parse::<PretrainJobConfig>(hyper_parameters).map_err(invalid)?;
             run_pretrain(&config, inputs, observer)
+        }
+        JobKind::Sft | JobKind::Lora | JobKind::Qlora => {
+            let config = parse::<SftConfig>(hyper_parameters).map_err(invalid)?;
+            config
+                .check()
+                .map_err(|(name, message)| invalid(field(name, message)))?;
+            crate::sft_job::run_sft(kind, config, inputs, observer)
         }
         other => Err(JobError::Unsupported(other)),
     }
@@ -244,7 +254,7 @@ fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T,
     })
 }
 
-fn field(name: &str, message: impl Into<String>) -> FieldError {
+pub(crate) fn field(name: &str, message: impl Into<String>) -> FieldError {
     FieldError {
         field: format!("hyper_parameters.{name}"),
         message: message.into(),
