@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job (README): installs and starts what is missing, builds Ferrite, then runs it.
-#
-# For now this starts `ferrite up` (all seven services in one process on one port), prints
-# each service's readiness, and serves until Ctrl-C. The demo pipeline replaces it when the
-# pipeline stages exist. Artifacts go to a local s3s-fs server, as they would to S3.
+# The main job (README): installs and starts what is missing, builds Ferrite, then runs
+# `ferrite demo`: examples/demo.yaml on the real data (tokenizer, pretraining, SFT, LoRA,
+# QLoRA, registration, deployment), a chat answer through the gateway, and the report under
+# .ferrite/runs/demo/. Arguments go to `ferrite demo` (`--quick` for the five-minute version).
+# The demo starts `ferrite up` itself when nothing answers on port 8080; artifacts go to a
+# local s3s-fs server, as they would to S3.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$FERRITE_ROOT"
@@ -35,4 +36,4 @@ export FERRITE_LOG_FORMAT="${FERRITE_LOG_FORMAT:-pretty}"
 export FERRITE_LOG_FILTER="${FERRITE_LOG_FILTER:-warn}"
 
 # `cargo run` finds the binary wherever the target folder is (CARGO_TARGET_DIR included).
-cargo run --release --quiet -p ferrite-cli -- up
+cargo run --release --quiet -p ferrite-cli -- demo "$@"

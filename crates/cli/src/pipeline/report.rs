@@ -282,7 +282,8 @@ fn fine_tuning(pipeline: &Pipeline, state: &RunState) -> Table {
             number(eval),
             number(base),
             gain.unwrap_or_default(),
-            number(mean(record.series.get("tokens_per_second")).as_ref()),
+            mean(record.series.get("tokens_per_second"))
+                .map_or_else(String::new, |rate| format!("{rate:.0}")),
             record
                 .seconds
                 .map_or_else(String::new, |s| format!("{s:.1}")),
