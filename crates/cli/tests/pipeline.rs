@@ -68,7 +68,10 @@ stages:
         "p.yaml:10: hyper_parameters.preset",
         "p.yaml:14: there is no stage named `nowhere`",
     ] {
-        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
     }
 }
 
@@ -241,10 +244,14 @@ async fn a_killed_run_resumes_without_submitting_any_job_twice() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the first run");
-    eventually(Duration::from_secs(120), "the pretrain job to be submitted", || {
-        let submitted = state(&runs)["stages"]["pretrain"]["job_id"].is_string();
-        async move { submitted }
-    })
+    eventually(
+        Duration::from_secs(120),
+        "the pretrain job to be submitted",
+        || {
+            let submitted = state(&runs)["stages"]["pretrain"]["job_id"].is_string();
+            async move { submitted }
+        },
+    )
     .await;
     first.kill().expect("kill the first run");
     first.wait().expect("reap the first run");
@@ -256,14 +263,20 @@ async fn a_killed_run_resumes_without_submitting_any_job_twice() {
         .expect("run again");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{stderr}");
-    assert!(stderr.contains("tokenizer finished earlier, skipped"), "{stderr}");
+    assert!(
+        stderr.contains("tokenizer finished earlier, skipped"),
+        "{stderr}"
+    );
 
     // One tokenizer job and one pretrain job, the latter followed again rather than resubmitted.
     let after = state(&runs);
     assert_eq!(ferrite.jobs().await.len(), 2);
     assert_eq!(after["stages"]["pretrain"]["job_id"], pretrain_job);
     for stage in ["tokenizer", "pretrain", "register"] {
-        assert_eq!(after["stages"][stage]["status"], "succeeded", "{stage}: {after}");
+        assert_eq!(
+            after["stages"][stage]["status"], "succeeded",
+            "{stage}: {after}"
+        );
     }
     let version = after["stages"]["pretrain"]["model_version_id"]
         .as_str()
@@ -271,7 +284,10 @@ async fn a_killed_run_resumes_without_submitting_any_job_twice() {
     assert_eq!(after["stages"]["register"]["model_version_id"], version);
 
     // A third run has nothing left to do, and the report names the version by id.
-    let third = ferrite.pipeline_run(&file, &runs).output().expect("run a third time");
+    let third = ferrite
+        .pipeline_run(&file, &runs)
+        .output()
+        .expect("run a third time");
     assert!(third.status.success());
     assert_eq!(ferrite.jobs().await.len(), 2);
     let report = std::fs::read_to_string(runs.join("resume-test/report.md")).expect("report");

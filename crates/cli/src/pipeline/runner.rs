@@ -22,6 +22,7 @@ use super::state::{self, DatasetRecord, RunState, StageRecord, StageStatus};
 /// A pipeline being run, with its client and state.
 pub struct Run {
     client: Client,
+    options: RunOptions,
     pipeline: Pipeline,
     state: RunState,
     state_file: PathBuf,
@@ -45,6 +46,7 @@ impl Run {
         let state = state::load(&state_file, &pipeline.name)?;
         Ok(Self {
             client: Client::new(&options.url, &options.token)?,
+            options: options.clone(),
             pipeline,
             state,
             state_file,
@@ -221,23 +223,50 @@ impl Run {
         Ok(())
     }
 
-    /// Finds an imported model in the registry.
+    /// Finds an imported model in the registry, importing its GGUF file first when absent.
     async fn find_model(&mut self, import: &ModelImport) -> anyhow::Result<()> {
         let path = format!("/v1/registry/resolve/{}", import.name);
-        let Some(version) = self.client.get_optional(&path).await? else {
-            // TODO: import the GGUF here through the model registry's upload route; until then
-            // the model is imported once by hand and every later run finds it.
-            bail!(
-                "model `{}` (line {}) is not in the registry; import it with `ferrite model import --gguf {} --name {}`",
-                import.name,
-                import.line,
-                self.pipeline.path(&import.gguf).display(),
-                import.name
-            );
+        let version = match self.client.get_optional(&path).await? {
+            Some(version) => version,
+            None => {
+                self.import_gguf(import).await?;
+                self.client.get(&path).await.with_context(|| {
+                    format!("model `{}` is still missing after its import", import.name)
+                })?
+            }
         };
         let id = field(&version, "id", "the model version")?.to_owned();
         eprintln!("{:>14} found {}", import.name, version_label(&version));
         self.state.models.insert(import.name.clone(), id);
+        Ok(())
+    }
+
+    /// Runs `ferrite model import`, which converts the GGUF file and uploads the folder.
+    async fn import_gguf(&self, import: &ModelImport) -> anyhow::Result<()> {
+        let gguf = self.pipeline.path(&import.gguf);
+        let bar = progress::spinner(&self.bars, &import.name);
+        bar.message(&format!("importing {}", gguf.display()));
+        let program = std::env::current_exe().context("cannot find the ferrite executable")?;
+        let output = tokio::process::Command::new(program)
+            .args(["model", "import", "--name", &import.name, "--gguf"])
+            .arg(&gguf)
+            .env("FERRITE_URL", &self.options.url)
+            .env("FERRITE_TOKEN", &self.options.token)
+            .output()
+            .await
+            .context("cannot run `ferrite model import`")?;
+        if !output.status.success() {
+            let reason = String::from_utf8_lossy(&output.stderr);
+            bar.fail(reason.trim());
+            bail!(
+                "model `{}` (line {}): the import of {} failed: {}",
+                import.name,
+                import.line,
+                gguf.display(),
+                reason.trim()
+            );
+        }
+        bar.finish("imported");
         Ok(())
     }
 }
