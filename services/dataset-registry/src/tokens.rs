@@ -36,10 +36,15 @@ pub async fn count(
     version: &DatasetVersion,
     reference: &str,
 ) -> Result<TokenStats, RegistryError> {
-    let model: ModelVersion = state
-        .peers
-        .get_json(&format!("/v1/registry/resolve/{reference}"))
-        .await?;
+    // URLs resolve `.` and `..` segments even percent-encoded, so those never leave here.
+    if reference.is_empty() || reference.chars().all(|c| c == '.') {
+        return Err(RegistryError::Tokenizer {
+            reference: reference.to_owned(),
+            message: "it is not a model reference".into(),
+        });
+    }
+    let path = format!("/v1/registry/resolve/{}", path_segment(reference));
+    let model: ModelVersion = state.peers.get_json(&path).await?;
     let tokenizer = Arc::new(load_tokenizer(state, reference, &model.artifact_prefix).await?);
 
     let mut content = content::open(state, version).await?;
@@ -129,6 +134,20 @@ async fn tokenize(
     })
 }
 
+/// `reference` as one path segment: every byte outside the characters references use is
+/// percent-encoded, so a reference cannot reach another path of the peer API.
+fn path_segment(reference: &str) -> String {
+    reference
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b':' | b'@' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Collects each row's texts, joined by newlines.
 struct RowTexts {
     kind: DatasetKind,
@@ -143,4 +162,16 @@ impl RecordSink for RowTexts {
     }
 
     fn problem(&mut self, _problem: Problem) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_stays_one_path_segment() {
+        assert_eq!(path_segment("smol@champion"), "smol@champion");
+        assert_eq!(path_segment("smol:2"), "smol:2");
+        assert_eq!(path_segment("../../v1/jobs?x"), "..%2F..%2Fv1%2Fjobs%3Fx");
+    }
 }

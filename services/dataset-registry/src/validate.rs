@@ -73,11 +73,8 @@ impl Validator {
 
 impl RecordSink for Validator {
     fn record(&mut self, line: u64, bytes: &[u8]) {
-        match row_texts(self.kind, bytes) {
-            Ok(texts) => {
-                let chars = texts.iter().map(|t| t.chars().count() as u64).sum();
-                self.lengths.push(chars);
-            }
+        match row_chars(self.kind, bytes) {
+            Ok(chars) => self.lengths.push(chars),
             Err(problems) => {
                 for problem in problems {
                     self.report.add(Problem {
@@ -94,20 +91,39 @@ impl RecordSink for Validator {
     }
 }
 
+/// The characters of a record's texts, without copying them, or its problems without a line.
+fn row_chars(kind: DatasetKind, bytes: &[u8]) -> Result<u64, Vec<Problem>> {
+    if kind == DatasetKind::Text {
+        return Ok(String::from_utf8_lossy(bytes).chars().count() as u64);
+    }
+    let value = parse_row(bytes)?;
+    let texts = check_row(kind, &value)?;
+    Ok(texts.iter().map(|t| t.chars().count() as u64).sum())
+}
+
 /// The texts a record carries (a text row is its own text), or its problems without a line.
 pub fn row_texts(kind: DatasetKind, bytes: &[u8]) -> Result<Vec<String>, Vec<Problem>> {
     if kind == DatasetKind::Text {
         return Ok(vec![String::from_utf8_lossy(bytes).into_owned()]);
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let value = parse_row(bytes)?;
+    let texts = check_row(kind, &value)?;
+    Ok(texts.into_iter().map(str::to_owned).collect())
+}
+
+fn parse_row(bytes: &[u8]) -> Result<Value, Vec<Problem>> {
+    serde_json::from_slice(bytes).map_err(|e| {
         vec![Problem {
             line: None,
             field: None,
             message: format!("not valid JSON: {e}"),
         }]
-    })?;
-    match rows::check(kind, &value) {
-        Ok(texts) => Ok(texts.into_iter().map(str::to_owned).collect()),
+    })
+}
+
+fn check_row(kind: DatasetKind, value: &Value) -> Result<Vec<&str>, Vec<Problem>> {
+    match rows::check(kind, value) {
+        Ok(texts) => Ok(texts),
         Err(problems) => Err(problems
             .into_iter()
             .map(|p| Problem {
