@@ -2,6 +2,7 @@
 
 mod dataset;
 mod demo;
+mod model;
 mod pipeline;
 mod up;
 
@@ -63,6 +64,8 @@ enum Command {
         #[command(subcommand)]
         command: dataset::DatasetCommand,
     },
+    /// Import, list and show models; move aliases.
+    Model(model::ModelArgs),
     /// Check or run a pipeline file.
     Pipeline {
         #[command(subcommand)]
@@ -129,6 +132,7 @@ async fn main() -> ExitCode {
         Command::Dataset { command } => {
             report_failure("ferrite dataset", dataset::run(command).await)
         }
+        Command::Model(args) => report_failure("ferrite model", model::run(args).await),
         Command::Pipeline { command } => {
             report_failure("ferrite pipeline", run_pipeline(command).await)
         }
