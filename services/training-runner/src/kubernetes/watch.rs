@@ -318,6 +318,14 @@ mod tests {
         }
     }
 
+    fn running(attempts: &[u32]) -> Tracker {
+        let mut tracker = Tracker::default();
+        for attempt in attempts {
+            tracker.launched(key(*attempt));
+        }
+        tracker
+    }
+
     fn job_with(conditions: &[(&str, &str, Option<&str>)]) -> Job {
         Job {
             status: Some(JobStatus {
@@ -361,8 +369,7 @@ mod tests {
 
     #[test]
     fn an_attempt_is_reported_once_however_often_its_job_is_seen() {
-        let mut tracker = Tracker::default();
-        tracker.launched(key(1));
+        let mut tracker = running(&[1]);
         assert_eq!(tracker.observed(key(1), JobOutcome::Running), None);
         assert_eq!(tracker.running(), 1);
 
@@ -387,9 +394,7 @@ mod tests {
 
     #[test]
     fn a_deleted_running_job_ends_its_attempt_and_says_who_deleted_it() {
-        let mut tracker = Tracker::default();
-        tracker.launched(key(1));
-        tracker.launched(key(2));
+        let mut tracker = running(&[1, 2]);
         tracker.stopping(key(1));
 
         let stopped = tracker.deleted(key(1), JobOutcome::Running).expect("ended");
@@ -405,9 +410,7 @@ mod tests {
 
     #[test]
     fn a_relist_names_the_running_attempts_it_did_not_show() {
-        let mut tracker = Tracker::default();
-        tracker.launched(key(1));
-        tracker.launched(key(2));
+        let tracker = running(&[1, 2]);
         let listed = HashSet::from([key(2)]);
         assert_eq!(tracker.missing(&listed), vec![key(1)]);
     }

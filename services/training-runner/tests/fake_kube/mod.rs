@@ -14,13 +14,16 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use bytes::Bytes;
-use futures::stream;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
+
+use selector::Selector;
+use watch_stream::watch_response;
+
+mod selector;
+mod watch_stream;
 
 /// The resources the fake serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -256,26 +259,30 @@ fn set_status(state: &State, store: &mut Store, namespace: &str, name: &str, sta
     state.change(store, key, "MODIFIED", job);
 }
 
+/// Why the server refuses a request: status code, reason, message.
+#[derive(Debug)]
+struct Refusal(u16, &'static str, String);
+
 fn insert(
     state: &State,
     store: &mut Store,
     resource: Resource,
     namespace: &str,
     mut object: Value,
-) -> Result<Value, HttpResponse> {
+) -> Result<Value, Refusal> {
     let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
-        return Err(status_response(
+        return Err(Refusal(
             422,
             "Invalid",
-            "metadata.name: Required value",
+            "metadata.name: Required value".into(),
         ));
     };
     let key = (resource, namespace.to_owned(), name.clone());
     if store.objects.contains_key(&key) {
-        return Err(status_response(
+        return Err(Refusal(
             409,
             "AlreadyExists",
-            &format!("\"{name}\" already exists"),
+            format!("\"{name}\" already exists"),
         ));
     }
     object["metadata"]["namespace"] = json!(namespace);
@@ -311,7 +318,7 @@ async fn create_job(
     store.created.push(body.0.clone());
     match insert(&state, &mut store, Resource::Jobs, &namespace, body.0) {
         Ok(job) => HttpResponse::Created().json(job),
-        Err(response) => response,
+        Err(Refusal(code, reason, message)) => status_response(code, reason, &message),
     }
 }
 
@@ -399,162 +406,4 @@ fn list_response(
         "metadata": {"resourceVersion": store.revision.to_string()},
         "items": items,
     }))
-}
-
-/// What one open watch holds between events.
-struct WatchStream {
-    backlog: VecDeque<Value>,
-    changes: broadcast::Receiver<Change>,
-    close: watch::Receiver<u64>,
-    deadline: tokio::time::Instant,
-    resource: Resource,
-    namespace: String,
-    selector: Selector,
-}
-
-impl WatchStream {
-    async fn next_line(&mut self) -> Option<Bytes> {
-        if let Some(event) = self.backlog.pop_front() {
-            return Some(line(&event));
-        }
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.close.changed() => return None,
-                _ = tokio::time::sleep_until(self.deadline) => return None,
-                change = self.changes.recv() => {
-                    // A lagging watch ends; the client resumes from its last version.
-                    let change = change.ok()?;
-                    if let Some(event) = self.event(&change) {
-                        return Some(line(&event));
-                    }
-                }
-            }
-        }
-    }
-
-    fn event(&self, change: &Change) -> Option<Value> {
-        (change.resource == self.resource
-            && change.namespace == self.namespace
-            && self.selector.matches(&change.object))
-        .then(|| json!({"type": change.kind, "object": change.object}))
-    }
-}
-
-fn line(event: &Value) -> Bytes {
-    let mut text = event.to_string();
-    text.push('\n');
-    Bytes::from(text)
-}
-
-fn watch_response(
-    state: &State,
-    resource: Resource,
-    namespace: &str,
-    selector: Selector,
-    query: &HashMap<String, String>,
-) -> HttpResponse {
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(1800);
-    let since: Option<u64> = query
-        .get("resourceVersion")
-        .filter(|v| !v.is_empty() && *v != "0")
-        .and_then(|v| v.parse().ok());
-
-    let mut store = state.lock();
-    store.watches += 1;
-    let mut stream = WatchStream {
-        backlog: VecDeque::new(),
-        changes: state.changes.subscribe(),
-        close: state.close.subscribe(),
-        deadline: tokio::time::Instant::now() + Duration::from_secs(timeout),
-        resource,
-        namespace: namespace.to_owned(),
-        selector,
-    };
-    match since {
-        Some(since) if since < store.oldest_watchable => {
-            stream.backlog.push_back(json!({
-                "type": "ERROR",
-                "object": status_body(410, "Expired", &format!("too old resource version: {since} ({})", store.oldest_watchable)),
-            }));
-            // The real server ends the watch after this event.
-            stream.deadline = tokio::time::Instant::now();
-        }
-        Some(since) => {
-            let backlog: Vec<Value> = store
-                .history
-                .iter()
-                .filter(|change| change.revision > since)
-                .filter_map(|change| stream.event(change))
-                .collect();
-            stream.backlog.extend(backlog);
-        }
-        // No version: every current object as ADDED, then what follows.
-        None => {
-            let current: Vec<Value> = store
-                .objects
-                .iter()
-                .filter(|((r, ns, _), object)| {
-                    *r == resource && ns == namespace && stream.selector.matches(object)
-                })
-                .map(|(_, object)| json!({"type": "ADDED", "object": object}))
-                .collect();
-            stream.backlog.extend(current);
-        }
-    }
-    drop(store);
-
-    let body = stream::unfold(stream, |mut stream| async move {
-        let line = stream.next_line().await?;
-        Some((Ok::<_, actix_web::Error>(line), stream))
-    });
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .streaming(body)
-}
-
-/// An equality-based label selector: `a=b`, `a==b`, `a!=b`, `a`, `!a`, comma-separated.
-#[derive(Debug, Clone, Default)]
-struct Selector(Vec<Requirement>);
-
-#[derive(Debug, Clone)]
-enum Requirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    Exists(String),
-    Absent(String),
-}
-
-impl Selector {
-    fn parse(text: &str) -> Result<Self, String> {
-        let mut requirements = Vec::new();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let requirement = if let Some((key, value)) = part.split_once("!=") {
-                Requirement::NotEquals(key.trim().to_owned(), value.trim().to_owned())
-            } else if let Some((key, value)) = part.split_once("==").or(part.split_once('=')) {
-                Requirement::Equals(key.trim().to_owned(), value.trim().to_owned())
-            } else if let Some(key) = part.strip_prefix('!') {
-                Requirement::Absent(key.trim().to_owned())
-            } else if part.contains(' ') {
-                return Err(format!("unsupported label selector: {part}"));
-            } else {
-                Requirement::Exists(part.to_owned())
-            };
-            requirements.push(requirement);
-        }
-        Ok(Self(requirements))
-    }
-
-    fn matches(&self, object: &Value) -> bool {
-        let labels = &object["metadata"]["labels"];
-        self.0.iter().all(|requirement| match requirement {
-            Requirement::Equals(key, value) => labels[key].as_str() == Some(value),
-            Requirement::NotEquals(key, value) => labels[key].as_str() != Some(value),
-            Requirement::Exists(key) => labels.get(key).is_some(),
-            Requirement::Absent(key) => labels.get(key).is_none(),
-        })
-    }
 }
