@@ -311,3 +311,62 @@ pub fn read_slice(path: &Path, upload: &DatasetUpload) -> anyhow::Result<Vec<u8>
     };
     Ok(sliced)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(path: &Path, max_rows: Option<usize>, max_bytes: Option<usize>) -> DatasetUpload {
+        DatasetUpload {
+            line: 1,
+            name: "d".into(),
+            kind: "sft".into(),
+            path: path.to_path_buf(),
+            licence: None,
+            max_rows,
+            max_bytes,
+        }
+    }
+
+    fn slice(
+        name: &str,
+        content: &str,
+        max_rows: Option<usize>,
+        max_bytes: Option<usize>,
+    ) -> String {
+        let folder = std::env::temp_dir().join(format!("ferrite-slice-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&folder).expect("scratch folder");
+        let path = folder.join(name);
+        std::fs::write(&path, content).expect("write");
+        let bytes = read_slice(&path, &upload(&path, max_rows, max_bytes)).expect("slice");
+        std::fs::remove_dir_all(&folder).expect("clean up");
+        String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    #[test]
+    fn a_json_array_keeps_its_first_records_and_stays_an_array() {
+        let sliced = slice("a.json", r#"[{"a": 1}, {"a": 2}, {"a": 3}]"#, Some(2), None);
+        assert_eq!(sliced, r#"[{"a":1},{"a":2}]"#);
+    }
+
+    #[test]
+    fn json_lines_keep_their_first_non_empty_lines() {
+        let sliced = slice(
+            "a.jsonl",
+            "{\"a\":1}\n\n{\"a\":2}\n{\"a\":3}\n",
+            Some(2),
+            None,
+        );
+        assert_eq!(sliced, "{\"a\":1}\n{\"a\":2}\n");
+    }
+
+    #[test]
+    fn text_is_cut_at_the_last_line_end_within_the_limit() {
+        // "one\ntwo\n" is 8 bytes; a 10-byte limit falls inside "three", so the cut is at 8.
+        assert_eq!(
+            slice("a.txt", "one\ntwo\nthree\n", None, Some(10)),
+            "one\ntwo\n"
+        );
+        assert_eq!(slice("a.txt", "short\n", None, Some(100)), "short\n");
+    }
+}
