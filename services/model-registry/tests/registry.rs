@@ -266,6 +266,12 @@ async fn a_corrupt_upload_is_refused_naming_the_file_and_leaves_nothing() {
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["error"]["param"], param, "{body}");
     }
+    let (status, body) = registry.upload("smol", "", tar_with_link()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["param"], "tokenizer.json",
+        "the link is named: {body}"
+    );
     let (status, body) = registry
         .upload("smol", "kind=adapter", tar_of(&tiny_model_folder()))
         .await;
@@ -490,4 +496,17 @@ async fn lineage_follows_parents_with_dataset_details_and_degrades_when_datasets
         "{report}"
     );
     registry.stop().await;
+}
+
+/// A valid folder plus `tokenizer.json` as a symbolic link to a file outside it.
+fn tar_with_link() -> Vec<u8> {
+    let mut builder = support::tar_builder(&tiny_model_folder());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    header.set_cksum();
+    builder
+        .append_link(&mut header, "tokenizer.json", "/etc/passwd")
+        .expect("append a link");
+    builder.into_inner().expect("finish the tar")
 }

@@ -35,6 +35,9 @@ impl Handler for RegisterJobOutput {
             return Ok(());
         }
         let job = Registration::parse(&event).map_err(HandlerError::Permanent)?;
+        // TODO: the artifact prefix is trusted as the runner sent it; the folder is not checked
+        // as uploads are, so a runner that published before its upload finished would register
+        // a version whose files are missing.
         if store::version_of_job(tx, job.job_id)
             .await
             .map_err(transient)?

@@ -269,3 +269,17 @@ async fn referenced(
         Err(error) => Err(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_field_is_refused_beside_the_flattened_lineage() {
+        let body = serde_json::json!({"kind": "model", "artifact_prefix": "m/1", "bogus": 1});
+        assert!(serde_json::from_value::<RegisterVersion>(body).is_err());
+        let body = serde_json::json!({"kind": "model", "artifact_prefix": "m/1", "metrics": {"loss": 2.0}});
+        let parsed: RegisterVersion = serde_json::from_value(body).expect("valid");
+        assert_eq!(parsed.lineage.metrics.get("loss"), Some(&2.0));
+    }
+}

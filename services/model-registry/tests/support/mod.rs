@@ -253,6 +253,11 @@ pub fn tiny_model_folder() -> BTreeMap<String, Vec<u8>> {
 
 /// A tar archive of `files` (regular files only).
 pub fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    tar_builder(files).into_inner().expect("finish the tar")
+}
+
+/// A tar archive holding `files`, open for more entries.
+pub fn tar_builder(files: &BTreeMap<String, Vec<u8>>) -> tar::Builder<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, bytes) in files {
         let mut header = tar::Header::new_gnu();
@@ -263,5 +268,5 @@ pub fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
             .append_data(&mut header, name, bytes.as_slice())
             .expect("append to an in-memory tar");
     }
-    builder.into_inner().expect("finish the tar")
+    builder
 }
