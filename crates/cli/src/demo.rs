@@ -66,12 +66,19 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let mut run = Run::new(pipeline, &run_options)?;
     let outcome = run.run_all().await;
     let samples = match &outcome {
-        Ok(()) => ask_deployments(&run).await?,
-        Err(_) => Vec::new(),
+        Ok(()) => ask_deployments(&run).await,
+        Err(_) => Ok(Vec::new()),
     };
-    let html = report::write(run.pipeline(), run.state(), run.folder(), &samples)?;
+    let written = report::write(
+        run.pipeline(),
+        run.state(),
+        run.folder(),
+        samples.as_deref().unwrap_or_default(),
+    );
     server.stop().await;
     outcome?;
+    samples?;
+    let html = written?;
 
     println!(
         "\n{}",
