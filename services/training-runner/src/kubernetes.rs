@@ -4,6 +4,10 @@
 //! deleted Job is reported as [`AttemptEnded`], after which the scheduler starts the next
 //! attempt as a new Job. Tests run against a fake API server (the real one cannot run here),
 //! which leaves admission, scheduling and RBAC untested; the README says more.
+//!
+//! A runner that restarts learns its Jobs again from the watch's first list: unfinished ones
+//! count as running, and those that finished while it was away are reported then (a second
+//! report of an attempt already closed is a no-op for the scheduler).
 
 mod manifest;
 mod validate;

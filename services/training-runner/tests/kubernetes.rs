@@ -470,7 +470,7 @@ async fn an_end_missed_while_unwatched_is_found_by_the_relist_after_410_gone() {
     let name = job_name(launch.job_id, launch.attempt);
     harness
         .server
-        .while_unwatched(|api| api.set_job_status(NAMESPACE, &name, complete()));
+        .while_unwatched_then_compact(|api| api.set_job_status(NAMESPACE, &name, complete()));
 
     let ended = harness.next_ended().await;
     assert_eq!((ended.job_id, ended.clean), (launch.job_id, true));
@@ -478,6 +478,27 @@ async fn an_end_missed_while_unwatched_is_found_by_the_relist_after_410_gone() {
         harness.server.lists() > lists_before,
         "the watcher learned of the end without re-listing, so 410 Gone was not exercised"
     );
+}
+
+#[tokio::test]
+async fn a_watch_that_times_out_resumes_from_its_resource_version_without_a_relist() {
+    let mut harness = Harness::start();
+    let launch = cpu_launch();
+    harness.backend.launch(&launch).await.expect("launch");
+    harness.watching().await;
+    harness.running_becomes(1).await;
+    let (lists_before, watches_before) = (harness.server.lists(), harness.server.watches());
+
+    let name = job_name(launch.job_id, launch.attempt);
+    harness
+        .server
+        .while_unwatched(|api| api.set_job_status(NAMESPACE, &name, complete()));
+
+    let ended = harness.next_ended().await;
+    assert_eq!((ended.job_id, ended.clean), (launch.job_id, true));
+    // The change came from the replayed history of a new watch, not from a list.
+    assert!(harness.server.watches() > watches_before);
+    assert_eq!(harness.server.lists(), lists_before);
 }
 
 #[tokio::test]
@@ -491,7 +512,7 @@ async fn a_job_deleted_while_unwatched_ends_its_attempt() {
     let name = job_name(launch.job_id, launch.attempt);
     harness
         .server
-        .while_unwatched(|api| api.delete_job(NAMESPACE, &name));
+        .while_unwatched_then_compact(|api| api.delete_job(NAMESPACE, &name));
 
     let ended = harness.next_ended().await;
     assert_eq!((ended.job_id, ended.clean), (launch.job_id, false));

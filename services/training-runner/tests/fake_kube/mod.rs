@@ -208,17 +208,28 @@ impl FakeApiServer {
         insert(&self.state, &mut store, Resource::Pods, namespace, pod).expect("the pod is new");
     }
 
-    /// Runs `change` while no watch is open and then compacts history, so a watch resuming
-    /// from before it gets 410 Gone and must re-list to learn what `change` did.
+    /// Runs `change` while no watch is open, as between a watch's timeout and the client's
+    /// next watch; history is kept, so a watch resuming from before it replays it.
     pub fn while_unwatched(&self, change: impl FnOnce(&mut Unwatched<'_>)) {
+        drop(self.unwatched(change));
+    }
+
+    /// As [`Self::while_unwatched`], then compacts history, so a watch resuming from before
+    /// `change` gets 410 Gone and must re-list to learn what it did.
+    pub fn while_unwatched_then_compact(&self, change: impl FnOnce(&mut Unwatched<'_>)) {
+        let mut store = self.unwatched(change);
+        store.history.clear();
+        store.oldest_watchable = store.revision;
+    }
+
+    fn unwatched(&self, change: impl FnOnce(&mut Unwatched<'_>)) -> MutexGuard<'_, Store> {
         let mut store = self.state.lock();
         self.state.close.send_modify(|generation| *generation += 1);
         change(&mut Unwatched {
             state: &self.state,
             store: &mut store,
         });
-        store.history.clear();
-        store.oldest_watchable = store.revision;
+        store
     }
 }
 
