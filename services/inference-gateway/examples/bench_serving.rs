@@ -223,6 +223,7 @@ async fn main() {
 
     let (engine, info) = LocalEngine::start(LocalEngineConfig {
         checkpoint_dir: folder.path().to_path_buf(),
+        adapter_dir: None,
         max_batch_sequences: 8,
         metrics: EngineMetrics::unregistered(),
     })

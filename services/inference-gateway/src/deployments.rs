@@ -35,11 +35,8 @@ pub enum DeploymentError {
     VersionNotFound(String),
     #[error("the registry version is a {0}; only full models can be deployed")]
     UnsupportedKind(String),
-    #[error(
-        "adapter versions cannot be deployed yet: loading a base model with its adapter is \
-         not available in this build"
-    )]
-    AdapterNotSupported,
+    #[error("the adapter version `{0}` names no base model version")]
+    AdapterWithoutBase(String),
     #[error("cannot ask the model registry: {0}")]
     Registry(#[source] PeerError),
     #[error("cannot copy the artifacts under {prefix}: {source}")]
@@ -88,8 +85,8 @@ impl From<DeploymentError> for ApiError {
             DeploymentError::UnsupportedKind(_) => {
                 ApiError::invalid_request("unsupported_model_kind", message).with_param("model")
             }
-            DeploymentError::AdapterNotSupported => {
-                ApiError::invalid_request("adapter_not_supported", message).with_param("model")
+            DeploymentError::AdapterWithoutBase(_) => {
+                ApiError::invalid_request("adapter_without_base", message).with_param("model")
             }
             DeploymentError::Registry(source) => {
                 tracing::warn!(error = %source, "model registry unavailable");
@@ -112,6 +109,9 @@ pub struct ModelVersion {
     pub number: i64,
     pub kind: String,
     pub artifact_prefix: String,
+    /// For an adapter, the model version it adapts.
+    #[serde(default)]
+    pub base_version_id: Option<Uuid>,
 }
 
 /// A deployment ready to serve.
@@ -145,13 +145,27 @@ impl Loader {
         }
     }
 
-    /// Refuses what cannot be served, before anything is downloaded.
-    pub fn check_kind(version: &ModelVersion) -> Result<(), DeploymentError> {
+    /// The folders serving `version` needs: its own and, for an adapter, its base model's.
+    /// Refuses what cannot be served before anything is downloaded.
+    pub async fn artifacts(
+        &self,
+        version: &ModelVersion,
+    ) -> Result<(String, Option<String>), DeploymentError> {
         match version.kind.as_str() {
-            "model" => Ok(()),
-            // TODO: an adapter needs its base loaded and the adapter merged through
-            // ferrite_model::lora; until that lands adapter versions are refused with a 400.
-            "adapter" => Err(DeploymentError::AdapterNotSupported),
+            "model" => Ok((version.artifact_prefix.clone(), None)),
+            "adapter" => {
+                let base_id = version
+                    .base_version_id
+                    .ok_or_else(|| DeploymentError::AdapterWithoutBase(version.id.to_string()))?;
+                let base = self.resolve(&base_id.to_string()).await?;
+                if base.kind != "model" {
+                    return Err(DeploymentError::UnsupportedKind(format!(
+                        "adapter over a {}",
+                        base.kind
+                    )));
+                }
+                Ok((version.artifact_prefix.clone(), Some(base.artifact_prefix)))
+            }
             other => Err(DeploymentError::UnsupportedKind(other.to_owned())),
         }
     }
@@ -162,11 +176,19 @@ impl Loader {
         record: DeploymentRecord,
         metrics: EngineMetrics,
     ) -> Result<Deployment, DeploymentError> {
-        let dir = self
-            .fetch(&record.artifact_prefix, record.version_id)
-            .await?;
+        // A full model's folder is its own; an adapter's base is the model folder.
+        let (model_prefix, adapter_prefix) = match &record.base_artifact_prefix {
+            Some(base) => (base.as_str(), Some(record.artifact_prefix.as_str())),
+            None => (record.artifact_prefix.as_str(), None),
+        };
+        let checkpoint_dir = self.fetch(model_prefix).await?;
+        let adapter_dir = match adapter_prefix {
+            Some(prefix) => Some(self.fetch(prefix).await?),
+            None => None,
+        };
         let (engine, info) = LocalEngine::start(LocalEngineConfig {
-            checkpoint_dir: dir,
+            checkpoint_dir,
+            adapter_dir,
             max_batch_sequences: self.max_batch_sequences,
             metrics,
         })
@@ -184,9 +206,11 @@ impl Loader {
         })
     }
 
-    /// The local folder of a version's artifacts, downloaded unless already cached.
-    async fn fetch(&self, prefix: &str, version_id: Uuid) -> Result<PathBuf, DeploymentError> {
-        let dir = self.cache_dir.join(version_id.to_string());
+    /// The local folder of the artifacts under `prefix`, downloaded unless already cached.
+    /// Registered artifacts never change, so a prefix names its content for good.
+    async fn fetch(&self, prefix: &str) -> Result<PathBuf, DeploymentError> {
+        let folder = encode_segment(prefix.trim_end_matches('/'));
+        let dir = self.cache_dir.join(&folder);
         if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
             return Ok(dir);
         }
@@ -198,7 +222,7 @@ impl Loader {
         // folder that a later load would take for complete.
         let partial = self
             .cache_dir
-            .join(format!("{version_id}.partial-{}", Uuid::new_v4().simple()));
+            .join(format!("{folder}.partial-{}", Uuid::new_v4().simple()));
         let copied = copy_prefix(&self.storage, prefix, &partial).await;
         let count = match copied {
             Ok(count) => count,

@@ -30,6 +30,12 @@ pub enum EngineError {
     },
     #[error("the checkpoint in {0} has no tokenizer.json")]
     NoTokenizer(PathBuf),
+    #[error("cannot apply the adapter in {path}: {source}")]
+    Adapter {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the engine thread could not start: {0}")]
     Thread(#[from] std::io::Error),
     #[error("the engine has stopped")]
@@ -80,6 +86,8 @@ pub trait Engine: Send + Sync {
 pub struct LocalEngineConfig {
     /// A Hugging Face folder with config.json, model.safetensors and tokenizer.json.
     pub checkpoint_dir: PathBuf,
+    /// A PEFT folder merged into the model after loading, when the deployment is an adapter.
+    pub adapter_dir: Option<PathBuf>,
     /// Most sequences (choices) stepped together.
     pub max_batch_sequences: usize,
     pub metrics: EngineMetrics,
@@ -134,13 +142,7 @@ fn run_thread(
     // Requests share the machine's cores with HTTP workers; one torch thread per engine keeps
     // latency predictable on small machines.
     tch::set_num_threads(1);
-    let loaded = checkpoint::load(&config.checkpoint_dir, tch::Device::Cpu).map_err(|source| {
-        EngineError::Load {
-            path: config.checkpoint_dir.clone(),
-            source: Box::new(source),
-        }
-    });
-    let checkpoint = match loaded {
+    let checkpoint = match load_model(&config) {
         Ok(checkpoint) => checkpoint,
         Err(error) => {
             let _ = ready.send(Err(error));
@@ -160,6 +162,28 @@ fn run_thread(
     }
     let mut server = Server::new(&checkpoint.model, &tokenizer, &config);
     server.serve(requests);
+}
+
+/// The base model, with the adapter (if any) merged into its weights: serving then costs
+/// what the base costs.
+fn load_model(config: &LocalEngineConfig) -> Result<checkpoint::Checkpoint, EngineError> {
+    let mut checkpoint =
+        checkpoint::load(&config.checkpoint_dir, tch::Device::Cpu).map_err(|source| {
+            EngineError::Load {
+                path: config.checkpoint_dir.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    if let Some(dir) = &config.adapter_dir {
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Adapter {
+            path: dir.clone(),
+            source,
+        };
+        let (adapter, _) = ferrite_model::adapter::load(dir, &mut checkpoint.model)
+            .map_err(|e| failed(Box::new(e)))?;
+        adapter.merge().map_err(|e| failed(Box::new(e)))?;
+    }
+    Ok(checkpoint)
 }
 
 /// A request being generated.

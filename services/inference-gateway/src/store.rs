@@ -17,6 +17,8 @@ pub struct DeploymentRecord {
     pub model_name: String,
     pub version_number: i64,
     pub artifact_prefix: String,
+    /// For an adapter, its base model's folder; it is loaded first and the adapter merged in.
+    pub base_artifact_prefix: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -24,7 +26,8 @@ pub struct DeploymentRecord {
 pub async fn insert(pool: &PgPool, record: &DeploymentRecord) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO deployments (name, model_reference, version_id, model_name, \
-         version_number, artifact_prefix, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         version_number, artifact_prefix, base_artifact_prefix, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (name) DO NOTHING",
     )
     .bind(&record.name)
@@ -33,6 +36,7 @@ pub async fn insert(pool: &PgPool, record: &DeploymentRecord) -> Result<bool, sq
     .bind(&record.model_name)
     .bind(record.version_number)
     .bind(&record.artifact_prefix)
+    .bind(&record.base_artifact_prefix)
     .bind(record.created_at)
     .execute(pool)
     .await?;
@@ -46,7 +50,7 @@ pub async fn list(
 ) -> Result<Vec<DeploymentRecord>, sqlx::Error> {
     sqlx::query_as(
         "SELECT name, model_reference, version_id, model_name, version_number, \
-         artifact_prefix, created_at FROM deployments \
+         artifact_prefix, base_artifact_prefix, created_at FROM deployments \
          WHERE $1::uuid IS NULL OR version_id = $1 ORDER BY name",
     )
     .bind(version_id)

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::Gateway;
-use crate::deployments::{DeploymentError, Loader, validate_name};
+use crate::deployments::{DeploymentError, validate_name};
 use crate::store::{self, DeploymentRecord};
 
 /// `POST /v1/deployments`.
@@ -57,7 +57,7 @@ pub async fn create(
         );
     }
     let version = gateway.loader.resolve(reference).await?;
-    Loader::check_kind(&version)?;
+    let (artifact_prefix, base_artifact_prefix) = gateway.loader.artifacts(&version).await?;
 
     let record = DeploymentRecord {
         name: body.name.clone(),
@@ -65,7 +65,8 @@ pub async fn create(
         version_id: version.id,
         model_name: version.model_name,
         version_number: version.number,
-        artifact_prefix: version.artifact_prefix,
+        artifact_prefix,
+        base_artifact_prefix,
         created_at: chrono::Utc::now(),
     };
     let metrics = gateway

@@ -268,6 +268,17 @@ impl TestGateway {
     /// Copies a Hugging Face folder into the store under a fresh prefix and registers a
     /// version of it with the stand-in registry as `name`, `name:1` and its id.
     pub async fn register_folder(&self, name: &str, dir: &Path) -> Value {
+        self.register(name, dir, "model", None).await
+    }
+
+    /// Like [`Self::register_folder`] for any kind, with the base version of an adapter.
+    pub async fn register(
+        &self,
+        name: &str,
+        dir: &Path,
+        kind: &str,
+        base_version_id: Option<Uuid>,
+    ) -> Value {
         let id = Uuid::now_v7();
         let prefix = format!("models/{id}/");
         let settings = Settings::load(None, &self.env).expect("valid");
@@ -281,7 +292,7 @@ impl TestGateway {
         }
         let version = json!({
             "id": id, "model_id": Uuid::now_v7(), "model_name": name, "number": 1,
-            "kind": "model", "artifact_prefix": prefix, "base_version_id": null,
+            "kind": kind, "artifact_prefix": prefix, "base_version_id": base_version_id,
             "source_job_id": null, "metrics": {}, "created_at": "2026-01-01T00:00:00Z",
         });
         let mut versions = self.versions.lock().expect("not poisoned");
