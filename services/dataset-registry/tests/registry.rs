@@ -13,6 +13,11 @@ use support::{gzip, sft_jsonl, spawn};
 async fn assert_nothing_kept(registry: &support::Registry, case: &str) {
     assert_eq!(registry.s3.files(), Vec::<String>::new(), "{case}: store");
     assert_eq!(
+        registry.s3.pending_uploads(),
+        Vec::<String>::new(),
+        "{case}: multipart parts"
+    );
+    assert_eq!(
         registry.row_counts().await,
         [0, 0, 0, 0],
         "{case}: database"
@@ -423,4 +428,70 @@ async fn the_real_instruction_and_chat_data_upload_with_their_record_counts() {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn a_multipart_upload_is_stored_whole_or_aborted_without_a_trace() {
+    // Parts of 5 MiB (the smallest S3 allows); 12 MiB of lines take three parts.
+    let registry = spawn(&[("FERRITE_MULTIPART_PART_BYTES", "5242880")]).await;
+    let line = format!("{}\n", "all work and no play ".repeat(3));
+    let mut big = line.repeat(12 * 1024 * 1024 / line.len()).into_bytes();
+
+    // The last line is bad, so every part has gone up before the problem is seen.
+    let mut broken = big.clone();
+    broken.extend_from_slice(b"\xff\n");
+    let (status, body) = registry.upload("big", "kind=text", broken, false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_nothing_kept(&registry, "aborted multipart upload").await;
+
+    big.extend_from_slice(b"the end\n");
+    let (status, version) = registry
+        .upload("big", "kind=text", big.clone(), false)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{version}");
+    assert_eq!(version["bytes"], big.len());
+    let stored = registry
+        .content(version["id"].as_str().unwrap_or_default())
+        .await;
+    assert_eq!(sha256_hex(&stored), sha256_hex(&big));
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_version_is_announced_through_the_outbox() {
+    use prost::Message as _;
+
+    let registry = spawn(&[]).await;
+    let (_, version) = registry
+        .upload("events", "kind=sft", sft_jsonl(3), false)
+        .await;
+    let pool = registry.pool().await;
+    // The relay marks the row once the broker has confirmed the message.
+    common::eventually(
+        std::time::Duration::from_secs(30),
+        "the event to be confirmed by RabbitMQ",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT delivered_at IS NOT NULL FROM outbox WHERE routing_key = $1",
+            )
+            .bind("dataset.version_created")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .expect("one event");
+    let event = ferrite_proto::DatasetVersionCreated::decode(body.as_slice()).expect("decodes");
+    assert_eq!(event.version_id, version["id"].as_str().unwrap_or_default());
+    assert_eq!(event.dataset_name, "events");
+    assert_eq!((event.kind.as_str(), event.rows), ("sft", 3));
+    assert_eq!(event.sha256, version["sha256"].as_str().unwrap_or_default());
+    pool.close().await;
+    registry.stop().await;
 }

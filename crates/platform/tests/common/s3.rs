@@ -80,6 +80,22 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Multipart uploads in progress: s3s-fs keeps their parts and manifests beside the bucket
+    /// folders (`.upload_id-*`, `.upload-*`) until the upload completes or is aborted.
+    pub fn pending_uploads(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".upload"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
