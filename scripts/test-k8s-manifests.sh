@@ -23,7 +23,7 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
 # The manifests come from the backend's own builder, through an ignored test.
-FERRITE_K8S_MANIFEST_DIR="$OUT/manifests" LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+FERRITE_K8S_MANIFEST_DIR="$OUT/manifests" \
   cargo test --quiet -p ferrite-training-runner --test kubernetes -- --ignored --exact dump_manifests
 shopt -s nullglob
 manifests=("$OUT"/manifests/*.yaml)
