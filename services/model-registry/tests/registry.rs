@@ -362,6 +362,34 @@ async fn a_version_lists_and_serves_its_files() {
         .await;
     assert_eq!(status, 201, "{again}");
     assert_eq!(again["number"], 2);
+
+    // A quantised variant names its source and how it was quantised, both or neither.
+    let register = |body: serde_json::Value| {
+        registry.call(
+            Method::POST,
+            "/v1/registry/models/smol/versions",
+            ADMIN_TOKEN,
+            Some(body),
+        )
+    };
+    let (status, body) = register(json!({
+        "kind": "model", "artifact_prefix": prefix, "source_version": "smol:1"
+    }))
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "quantization");
+    let (status, variant) = register(json!({
+        "kind": "model", "artifact_prefix": prefix, "source_version": "smol:1",
+        "quantization": "nf4"
+    }))
+    .await;
+    assert_eq!(status, 201, "{variant}");
+    assert_eq!(variant["source_version_id"], id);
+    assert_eq!(variant["quantization"], "nf4");
+    assert_eq!(
+        variant["parent_version_id"], id,
+        "the source is the parent when none is named"
+    );
     let (status, body) = registry
         .call(
             Method::POST,
