@@ -58,6 +58,17 @@ pub async fn list(
     .await
 }
 
+/// One deployment by name.
+pub async fn get(pool: &PgPool, name: &str) -> Result<Option<DeploymentRecord>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT name, model_reference, version_id, model_name, version_number, \
+         artifact_prefix, base_artifact_prefix, created_at FROM deployments WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+}
+
 /// Removes a deployment; `false` when there was none by that name.
 pub async fn delete(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
     let deleted = sqlx::query("DELETE FROM deployments WHERE name = $1")

@@ -407,6 +407,22 @@ async fn deployments_are_listed_filtered_guarded_deleted_and_reloaded_after_a_re
         json!([])
     );
 
+    let (status, _, one) = gateway
+        .send(
+            Method::GET,
+            &format!("/v1/deployments/{MODEL}"),
+            ADMIN_TOKEN,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let one: Value = serde_json::from_str(&one).expect("JSON");
+    assert_eq!(one["version_id"], version["id"]);
+    let (status, _, _) = gateway
+        .send(Method::GET, "/v1/deployments/nope", ADMIN_TOKEN, None)
+        .await;
+    assert_eq!(status, 404);
+
     // A new process on the same database loads the deployment again, from storage alone.
     let gateway = gateway.restart().await;
     let request = json!({"model": MODEL, "prompt": "Hi", "temperature": 0, "max_tokens": 3});

@@ -110,10 +110,8 @@ pub async fn get(
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(&[Role::Engineer])?;
-    let records = store::list(&gateway.pool, None).await?;
-    records
-        .into_iter()
-        .find(|record| record.name == *name)
+    store::get(&gateway.pool, &name)
+        .await?
         .map(|record| HttpResponse::Ok().json(record))
         .ok_or_else(|| DeploymentError::NotFound(name.into_inner()).into())
 }

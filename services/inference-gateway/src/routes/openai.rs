@@ -175,7 +175,7 @@ async fn serve(
 
     if prepared.stream {
         let writer = ChunkWriter::new(envelope, prepared.include_usage, renderer, choices);
-        let events = EventStream::new(deltas, writer, prompt_tokens);
+        let events = EventStream::new(deltas, writer, prompt_tokens, choices);
         return Ok(HttpResponse::Ok()
             .insert_header((VERSION_HEADER, version))
             .insert_header(("cache-control", "no-cache"))
@@ -201,6 +201,9 @@ async fn collect(
             text.push(&delta);
         }
     }
+    if texts.iter().any(|text| text.finish_reason.is_none()) {
+        return Err(ApiError::internal(&EngineError::Stopped));
+    }
     let completion_tokens = texts.iter().map(|text| text.tokens).sum();
     Ok((texts, usage(prompt_tokens, completion_tokens)))
 }
@@ -220,11 +223,13 @@ struct EventStream {
     pending: VecDeque<Bytes>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// Choices that have not sent their last chunk yet.
+    unfinished: usize,
     ended: bool,
 }
 
 impl EventStream {
-    fn new(deltas: DeltaStream, writer: ChunkWriter, prompt_tokens: usize) -> Self {
+    fn new(deltas: DeltaStream, writer: ChunkWriter, prompt_tokens: usize, choices: usize) -> Self {
         let pending = writer.opening().iter().map(sse::event).collect();
         Self {
             deltas,
@@ -232,6 +237,7 @@ impl EventStream {
             pending,
             prompt_tokens,
             completion_tokens: 0,
+            unfinished: choices,
             ended: false,
         }
     }
@@ -258,18 +264,16 @@ impl EventStream {
         match next {
             Some(Ok(delta)) => {
                 self.completion_tokens += 1;
+                if delta.finished.is_some() {
+                    self.unfinished = self.unfinished.saturating_sub(1);
+                }
                 if let Some(chunk) = self.writer.delta(&delta) {
                     self.pending.push_back(sse::event(&chunk));
                 }
             }
-            Some(Err(error)) => {
-                // The status line is long gone; the error travels as an event, as OpenAI's do.
-                let api = ApiError::internal(&error);
-                let body = json!({ "error": api.body() });
-                self.pending.push_back(sse::event(&body));
-                self.pending.push_back(sse::done());
-                self.ended = true;
-            }
+            Some(Err(error)) => self.fail(&error),
+            // The engine went away with choices unfinished (its thread died).
+            None if self.unfinished > 0 => self.fail(&EngineError::Stopped),
             None => {
                 if self.writer.include_usage {
                     let usage = usage(self.prompt_tokens, self.completion_tokens);
@@ -280,5 +284,14 @@ impl EventStream {
                 self.ended = true;
             }
         }
+    }
+
+    /// The status line is long gone; the error travels as an event, as OpenAI's do.
+    fn fail(&mut self, error: &EngineError) {
+        let api = ApiError::internal(error);
+        let body = json!({ "error": api.body() });
+        self.pending.push_back(sse::event(&body));
+        self.pending.push_back(sse::done());
+        self.ended = true;
     }
 }
