@@ -388,13 +388,25 @@ async fn aliases_and_every_reference_form_resolve() {
 }
 
 #[tokio::test]
-async fn reading_needs_a_token() {
+async fn reading_needs_a_token_and_the_routes_are_documented() {
     let registry = spawn(&[]).await;
     let (status, body) = registry
         .app
         .call(Method::GET, "/v1/datasets", None, None)
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, openapi) = registry
+        .app
+        .call(Method::GET, "/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/v1/datasets/{name}/versions",
+        "/v1/datasets/resolve/{reference}",
+        "/v1/datasets/versions/{id}/split",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "{path} is documented");
+    }
     registry.stop().await;
 }
 
