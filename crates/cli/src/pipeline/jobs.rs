@@ -23,6 +23,9 @@ use super::yaml::LineError;
 /// Metrics followed live and kept as curves in the report.
 const CURVES: [&str; 4] = ["loss", "eval_loss", "tokens_per_second", "lr"];
 
+/// How often the live metrics are fetched while a job runs.
+const METRICS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How long a finished job's output may take to appear in the model registry.
 const REGISTRATION_PATIENCE: Duration = Duration::from_secs(120);
 
@@ -150,14 +153,14 @@ async fn submit(stage: &StageSpec, run: &mut Run) -> anyhow::Result<String> {
 /// Polls the job until it ends, updating the bar; returns the final job.
 async fn follow(run: &Run, job_id: &str, bar: &JobBar) -> anyhow::Result<Value> {
     let path = format!("/v1/jobs/{job_id}");
-    let mut last_metrics = Instant::now() - Duration::from_secs(60);
+    let mut last_metrics: Option<Instant> = None;
     loop {
         let job = run.client().get(&path).await?;
         let state = field(&job, "state", "the job")?.to_owned();
         let (step, total) = job_progress(&job);
         bar.set_progress(step, total);
-        if last_metrics.elapsed() > Duration::from_secs(2) {
-            last_metrics = Instant::now();
+        if last_metrics.is_none_or(|at| at.elapsed() > METRICS_INTERVAL) {
+            last_metrics = Some(Instant::now());
             if let Ok(series) = metric_series(run, job_id).await {
                 bar.set_metrics(&latest(&series), &state);
             }
