@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -19,6 +20,9 @@ use uuid::Uuid;
 
 use super::manifest::{ATTEMPT_LABEL, JOB_ID_LABEL, MANAGED_BY, MANAGED_BY_LABEL, job_name};
 use crate::backend::{AttemptEnded, EndedSender};
+
+/// Longest the watch waits for a failed worker's pod before reporting without its detail.
+const POD_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One attempt, as its Job's labels name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +103,10 @@ impl Tracker {
     }
 
     /// A Job the backend just created. The watch may have seen it end already.
+    pub fn is_reported(&self, key: AttemptKey) -> bool {
+        self.reported.contains(&key)
+    }
+
     pub fn launched(&mut self, key: AttemptKey) {
         if !self.reported.contains(&key) {
             self.live.insert(key);
@@ -235,6 +243,9 @@ impl Watch {
         let key = AttemptKey::of(job)?;
         let outcome = JobOutcome::of(job);
         let outcome = match outcome {
+            // A Job already reported is seen again after every re-list; its pod is not
+            // worth another request.
+            JobOutcome::Failed(_) if self.tracker.lock().is_reported(key) => return None,
             JobOutcome::Failed(detail) => {
                 JobOutcome::Failed(self.with_pod_detail(key, detail).await)
             }
@@ -250,14 +261,17 @@ impl Watch {
             "batch.kubernetes.io/job-name={}",
             job_name(key.job_id, key.attempt)
         );
-        let pods = match self
-            .pods
-            .list(&ListParams::default().labels(&selector))
-            .await
-        {
-            Ok(pods) => pods,
-            Err(error) => {
+        let params = ListParams::default().labels(&selector);
+        let listing = self.pods.list(&params);
+        // Reports wait on this; a slow API server must not hold them up for long.
+        let pods = match tokio::time::timeout(POD_LOOKUP_TIMEOUT, listing).await {
+            Ok(Ok(pods)) => pods,
+            Ok(Err(error)) => {
                 tracing::warn!(job.id = %key.job_id, error = %error, "cannot read the worker's pod");
+                return detail;
+            }
+            Err(_) => {
+                tracing::warn!(job.id = %key.job_id, "reading the worker's pod timed out");
                 return detail;
             }
         };
