@@ -67,6 +67,9 @@ impl Scheduler {
         Ok(())
     }
 
+    // TODO: a new attempt's first lease is one lease long, so a worker that needs longer to
+    // start (a Kubernetes pod pulling its image) is taken for lost and retried; the start
+    // deserves its own, longer grace per backend.
     async fn round(&self) -> anyhow::Result<()> {
         for (job_id, attempt) in store::expired_leases(&self.pool).await? {
             let attempt = u32::try_from(attempt).unwrap_or_default();

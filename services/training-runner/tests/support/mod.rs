@@ -316,8 +316,11 @@ impl RunnerApp {
         self.app.stop().await;
         // The application's own clean-up knows only the probe's queue; deleting its exchanges
         // again is harmless.
-        let queues: Vec<&str> = self.queues.iter().map(String::as_str).collect();
-        delete_topology(SHARED_AMQP_URL, &settings.amqp, &queues).await;
+        // A private broker goes away with its test; only the shared one needs tidying.
+        if settings.amqp.url.expose().as_str() == SHARED_AMQP_URL {
+            let queues: Vec<&str> = self.queues.iter().map(String::as_str).collect();
+            delete_topology(SHARED_AMQP_URL, &settings.amqp, &queues).await;
+        }
     }
 }
 
