@@ -402,8 +402,11 @@ impl<'m> Server<'m> {
     }
 
     fn retire(&mut self, key: u64) {
-        if self.active.remove(&key).is_some() {
+        let retired = self.active.remove(&key);
+        if retired.is_some() {
             self.metrics.running.dec();
         }
+        // Dropping the request closes its stream; the gauge is right before the client knows.
+        drop(retired);
     }
 }
