@@ -521,13 +521,21 @@ async fn a_job_deleted_while_unwatched_ends_its_attempt() {
 }
 
 #[tokio::test]
-async fn jobs_already_running_at_start_are_counted_and_foreign_ones_ignored() {
+async fn a_restarted_runner_counts_running_jobs_and_reports_those_that_ended_while_away() {
     let server = FakeApiServer::start();
     let template = WorkerTemplate::from_settings(&settings());
-    let earlier = cpu_launch();
-    server.insert_job(
+    let still_running = cpu_launch();
+    let ended_while_away = gpu_launch();
+    for launch in [&still_running, &ended_while_away] {
+        server.insert_job(
+            NAMESPACE,
+            serde_json::to_value(job_manifest(&template, launch)).expect("json"),
+        );
+    }
+    server.set_job_status(
         NAMESPACE,
-        serde_json::to_value(job_manifest(&template, &earlier)).expect("json"),
+        &job_name(ended_while_away.job_id, ended_while_away.attempt),
+        complete(),
     );
     // Managed by ferrite but without attempt labels: not a worker, never counted.
     server.insert_job(
@@ -540,14 +548,17 @@ async fn jobs_already_running_at_start_are_counted_and_foreign_ones_ignored() {
     );
     let mut harness = Harness::start_with(server);
 
+    let ended = harness.next_ended().await;
+    assert_eq!((ended.job_id, ended.clean), (ended_while_away.job_id, true));
     harness.running_becomes(1).await;
     harness.server.set_job_status(
         NAMESPACE,
-        &job_name(earlier.job_id, earlier.attempt),
+        &job_name(still_running.job_id, still_running.attempt),
         complete(),
     );
     let ended = harness.next_ended().await;
-    assert_eq!((ended.job_id, ended.clean), (earlier.job_id, true));
+    assert_eq!((ended.job_id, ended.clean), (still_running.job_id, true));
+    harness.running_becomes(0).await;
 }
 
 #[tokio::test]
