@@ -49,6 +49,7 @@ pub struct DatasetRegistry;
         routes::versions::lineage,
         routes::versions::split,
         routes::versions::token_stats,
+        routes::versions::list_token_stats,
     )
 )]
 struct Api;

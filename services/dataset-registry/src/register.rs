@@ -40,7 +40,7 @@ pub struct Registration<'a> {
 /// Registers the body as the next version of its dataset, creating the dataset on first use.
 /// On failure the temporary object is removed, and so is the content-addressed object when
 /// this call created it.
-#[tracing::instrument(skip_all, fields(dataset.name = %registration.name))]
+#[tracing::instrument(skip_all)]
 pub async fn register(registration: Registration<'_>) -> Result<Registered, RegistryError> {
     let Registration {
         storage, ingested, ..

@@ -310,3 +310,16 @@ pub async fn save_token_stats(
     .fetch_one(pool)
     .await
 }
+
+pub async fn list_token_stats(
+    pool: &PgPool,
+    version_id: Uuid,
+) -> Result<Vec<TokenStats>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT version_id, tokenizer_version_id, tokenizer_reference, stats, created_at \
+         FROM token_stats WHERE version_id = $1 ORDER BY created_at",
+    )
+    .bind(version_id)
+    .fetch_all(pool)
+    .await
+}

@@ -119,6 +119,13 @@ async fn token_counts_come_from_the_named_models_tokenizer() {
         "rows of different lengths tell rows apart"
     );
 
+    let (status, recorded) = registry.get(&path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        recorded[0]["stats"], stats["stats"],
+        "the counts were recorded"
+    );
+
     let (status, body) = registry
         .call(Method::POST, &path, Some(json!({"tokenizer": "missing:1"})))
         .await;

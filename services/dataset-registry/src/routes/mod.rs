@@ -42,6 +42,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/datasets/versions/{id}/stats",
             web::post().to(versions::token_stats),
         )
+        .route(
+            "/v1/datasets/versions/{id}/stats",
+            web::get().to(versions::list_token_stats),
+        )
         .route("/v1/datasets/{name}", web::get().to(datasets::show))
         .route(
             "/v1/datasets/{name}/versions",

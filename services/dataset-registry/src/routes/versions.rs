@@ -137,6 +137,20 @@ pub async fn token_stats(
     Ok(HttpResponse::Ok().json(stats))
 }
 
+/// The token counts recorded for a version, one entry per tokenizer.
+#[utoipa::path(get, path = "/v1/datasets/versions/{id}/stats", tag = "dataset-registry",
+    params(("id" = Uuid, Path)),
+    responses((status = 200, body = Vec<TokenStats>), (status = 404)))]
+pub async fn list_token_stats(
+    principal: Principal,
+    state: web::Data<State>,
+    path: web::Path<Uuid>,
+) -> Result<HttpResponse, RegistryError> {
+    principal.require(&[Role::Engineer])?;
+    let version = find(&state, *path).await?;
+    Ok(HttpResponse::Ok().json(store::list_token_stats(&state.pool, version.id).await?))
+}
+
 async fn find(state: &State, id: Uuid) -> Result<DatasetVersion, RegistryError> {
     let mut conn = state.pool.acquire().await?;
     store::find_version(&mut conn, id)
