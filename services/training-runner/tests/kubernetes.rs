@@ -502,6 +502,35 @@ async fn a_watch_that_times_out_resumes_from_its_resource_version_without_a_reli
 }
 
 #[tokio::test]
+async fn api_server_errors_fail_a_launch_and_the_watch_recovers_from_them() {
+    let mut harness = Harness::start();
+    let launch = cpu_launch();
+    harness.backend.launch(&launch).await.expect("launch");
+    harness.watching().await;
+    harness.running_becomes(1).await;
+
+    harness.server.fail_next(1);
+    let refused = gpu_launch();
+    let error = harness.backend.launch(&refused).await.expect_err("500");
+    assert!(
+        format!("{error:#}").contains("cannot create the Job"),
+        "{error:#}"
+    );
+    assert_eq!(harness.backend.running().await, 1);
+
+    // The watch's next requests fail too; its backoff retries until one succeeds.
+    let watches_before = harness.server.watches();
+    harness.server.fail_next(2);
+    let name = job_name(launch.job_id, launch.attempt);
+    harness
+        .server
+        .while_unwatched(|api| api.set_job_status(NAMESPACE, &name, complete()));
+    let ended = harness.next_ended().await;
+    assert_eq!((ended.job_id, ended.clean), (launch.job_id, true));
+    assert!(harness.server.watches() > watches_before);
+}
+
+#[tokio::test]
 async fn a_job_deleted_while_unwatched_ends_its_attempt() {
     let mut harness = Harness::start();
     let launch = gpu_launch();

@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
@@ -66,6 +69,8 @@ struct Store {
     deletions: Vec<(String, Value)>,
     lists: usize,
     watches: usize,
+    /// Requests still to answer with 500, whatever they ask.
+    failures_left: usize,
 }
 
 struct State {
@@ -125,6 +130,7 @@ impl FakeApiServer {
         let data = web::Data::from(state.clone());
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(injected_failures))
                 .app_data(data.clone())
                 .app_data(web::JsonConfig::default().limit(1 << 20))
                 .route(
@@ -175,6 +181,11 @@ impl FakeApiServer {
 
     pub fn deletions(&self) -> Vec<(String, Value)> {
         self.state.lock().deletions.clone()
+    }
+
+    /// Answers the next `count` requests with 500, as an overloaded API server might.
+    pub fn fail_next(&self, count: usize) {
+        self.state.lock().failures_left = count;
     }
 
     pub fn lists(&self) -> usize {
@@ -268,6 +279,25 @@ fn set_status(state: &State, store: &mut Store, namespace: &str, name: &str, sta
     let mut job = store.objects.get(&key).cloned().expect("the Job exists");
     job["status"] = status;
     state.change(store, key, "MODIFIED", job);
+}
+
+async fn injected_failures(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let fail = request.app_data::<web::Data<State>>().is_some_and(|state| {
+        let mut store = state.lock();
+        let fail = store.failures_left > 0;
+        store.failures_left = store.failures_left.saturating_sub(1);
+        fail
+    });
+    if fail {
+        let response = status_response(500, "InternalError", "injected failure");
+        return Ok(request.into_response(response).map_into_right_body());
+    }
+    next.call(request)
+        .await
+        .map(ServiceResponse::map_into_left_body)
 }
 
 /// Why the server refuses a request: status code, reason, message.
