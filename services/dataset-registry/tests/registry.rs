@@ -92,6 +92,13 @@ async fn bad_uploads_name_their_problem_and_leave_nothing_behind() {
     assert_eq!(body["error"]["code"], "upload_too_large");
     assert_nothing_kept(&registry, "gzip bomb").await;
 
+    // A plain body declaring more than the limit is refused before it is read.
+    let (status, body) = registry
+        .upload("demo", "kind=text", b"x\n".repeat(600 * 1024), false)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_nothing_kept(&registry, "declared length").await;
+
     // 250 rows each missing `output`: 100 problems listed, all 250 counted.
     let many: Vec<u8> = "{\"instruction\": \"x\"}\n".repeat(250).into_bytes();
     let (status, body) = registry.upload("demo", "kind=sft", many, false).await;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::State;
 use crate::domain::{AliasName, DataFormat, DatasetKind, DatasetName, VersionReference};
 use crate::error::{RegistryError, ValidationErrorBody};
-use crate::ingest::{self, IngestSpec};
+use crate::ingest::{self, IngestError, IngestSpec};
 use crate::register::{self, Provenance, Registration};
 use crate::store::{self, Dataset, DatasetVersion};
 
@@ -58,6 +58,7 @@ pub async fn upload(
         None => None,
     };
     check_encoding(&request)?;
+    check_declared_length(&request, state.limits.max_upload_bytes)?;
 
     let body = actix_web::dev::Decompress::from_headers(payload.into_inner(), request.headers());
     let spec = IngestSpec {
@@ -98,6 +99,22 @@ fn check_encoding(request: &HttpRequest) -> Result<(), RegistryError> {
     match encoding.as_str() {
         "gzip" | "x-gzip" | "identity" => Ok(()),
         _ => Err(RegistryError::Encoding(encoding)),
+    }
+}
+
+/// A plain body that announces more bytes than the limit is refused before it is read.
+fn check_declared_length(request: &HttpRequest, limit: u64) -> Result<(), RegistryError> {
+    if request.headers().contains_key(header::CONTENT_ENCODING) {
+        return Ok(());
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit => Err(IngestError::TooLarge { limit }.into()),
+        _ => Ok(()),
     }
 }
 
