@@ -122,10 +122,10 @@ impl PretrainConfig {
                 return Err((name, "must be positive"));
             }
         }
-        if !(self.peak_lr > 0.0 && self.peak_lr.is_finite()) {
+        if self.peak_lr <= 0.0 || !self.peak_lr.is_finite() {
             return Err(("peak_lr", "must be positive and finite"));
         }
-        if !(self.min_lr >= 0.0 && self.min_lr <= self.peak_lr) {
+        if self.min_lr.is_nan() || self.min_lr < 0.0 || self.min_lr > self.peak_lr {
             return Err(("min_lr", "must lie in [0, peak_lr]"));
         }
         if !(0.0..1.0).contains(&self.beta1) {
@@ -134,10 +134,16 @@ impl PretrainConfig {
         if !(0.0..1.0).contains(&self.beta2) {
             return Err(("beta2", "must lie in [0, 1)"));
         }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) {
-            return Err(("eps", "eps must be positive and weight_decay non-negative"));
+        if self.eps.is_nan() || self.eps <= 0.0 {
+            return Err(("eps", "must be positive"));
         }
-        if self.max_grad_norm.is_some_and(|norm| !(norm > 0.0)) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            return Err(("weight_decay", "must be non-negative"));
+        }
+        if self
+            .max_grad_norm
+            .is_some_and(|norm| norm.is_nan() || norm <= 0.0)
+        {
             return Err(("max_grad_norm", "must be positive when set"));
         }
         Ok(())
