@@ -430,3 +430,34 @@ impl WorkerArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn worker_arguments_parse_in_either_order() {
+        let id = "01a242a6-4fbd-732e-824d-d4a30e8fba24";
+        let expected = WorkerArgs {
+            job_id: id.parse().expect("a UUID"),
+            attempt: 2,
+        };
+        let forward = WorkerArgs::parse(&args(&format!("--job {id} --attempt 2")));
+        let backward = WorkerArgs::parse(&args(&format!("--attempt 2 --job {id}")));
+        assert_eq!(forward, Ok(expected));
+        assert_eq!(backward, Ok(expected));
+    }
+
+    #[test]
+    fn attempt_zero_and_missing_values_are_refused() {
+        let id = "01a242a6-4fbd-732e-824d-d4a30e8fba24";
+        assert!(WorkerArgs::parse(&args(&format!("--job {id} --attempt 0"))).is_err());
+        assert!(WorkerArgs::parse(&args(&format!("--job {id} --attempt"))).is_err());
+        assert!(WorkerArgs::parse(&args("--job nope --attempt 1")).is_err());
+        assert!(WorkerArgs::new(id, 0).is_err());
+    }
+}

@@ -434,3 +434,53 @@ async fn the_job_message_is_acknowledged_before_training_runs() {
     pool.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_attempts_are_retried_up_to_the_limit_and_bad_inputs_fail_at_once() {
+    let app = spawn_runner(&[]).await;
+    // Registered, but its bytes were never stored: every attempt fails while downloading, and
+    // another attempt might succeed (storage could come back), so the runner retries.
+    app.registries
+        .add_dataset("vanished", "text", "text", "datasets/never-uploaded");
+    let mut spec = tokenizer_spec();
+    spec["datasets"] = json!([{"reference": "vanished"}]);
+    spec["max_attempts"] = json!(2);
+    let id = app.submit(spec).await;
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "max_attempts is 2: {job}");
+    assert!(attempts.iter().all(|a| a["state"] == "failed"), "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("datasets/never-uploaded")),
+        "the error names the missing object: {job}"
+    );
+
+    // A text corpus where a pretraining run needs one is fine, but a tokenizer job over an
+    // `sft` dataset can never work: one attempt, failed, no retry.
+    corpus(&app).await;
+    app.registries
+        .add_dataset("wrong-kind", "sft", "jsonl", "datasets/corpus-sample");
+    let mut spec = tokenizer_spec();
+    spec["datasets"] = json!([{"reference": "wrong-kind"}]);
+    let wrong = app.submit(spec).await;
+    let job = app.wait_final(&wrong, PATIENCE).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+
+    for id in [&id, &wrong] {
+        let mut finished = Vec::new();
+        common::eventually(PATIENCE, "JobFinished to arrive", || {
+            finished = app.registries.finished_for(id);
+            let done = !finished.is_empty();
+            async move { done }
+        })
+        .await;
+        assert_eq!(finished.len(), 1, "one JobFinished per job");
+        assert_eq!(finished[0].outcome, JobOutcome::Failed as i32);
+        assert_eq!(finished[0].artifact_prefix, None);
+    }
+    app.stop().await;
+}
