@@ -92,6 +92,14 @@ async fn bad_uploads_name_their_problem_and_leave_nothing_behind() {
     assert_eq!(body["error"]["code"], "upload_too_large");
     assert_nothing_kept(&registry, "gzip bomb").await;
 
+    // A body that claims gzip but is not.
+    let (status, body) = registry
+        .upload("demo", "kind=text", b"plain words\n".repeat(100), true)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "unreadable_body");
+    assert_nothing_kept(&registry, "corrupt gzip").await;
+
     // A plain body declaring more than the limit is refused before it is read.
     let (status, body) = registry
         .upload("demo", "kind=text", b"x\n".repeat(600 * 1024), false)
