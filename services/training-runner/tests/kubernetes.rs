@@ -124,6 +124,15 @@ impl Harness {
         }
     }
 
+    /// A backend whose watch is open and which runs `launch`'s Job.
+    async fn running(launch: &AttemptLaunch) -> Self {
+        let harness = Self::start();
+        harness.backend.launch(launch).await.expect("launch");
+        harness.watching().await;
+        harness.running_becomes(1).await;
+        harness
+    }
+
     async fn next_ended(&mut self) -> AttemptEnded {
         tokio::time::timeout(PATIENCE, self.ended.recv())
             .await
@@ -460,11 +469,8 @@ async fn stop_deletes_the_job_in_the_background_and_the_end_is_reported() {
 
 #[tokio::test]
 async fn an_end_missed_while_unwatched_is_found_by_the_relist_after_410_gone() {
-    let mut harness = Harness::start();
     let launch = cpu_launch();
-    harness.backend.launch(&launch).await.expect("launch");
-    harness.watching().await;
-    harness.running_becomes(1).await;
+    let mut harness = Harness::running(&launch).await;
     let lists_before = harness.server.lists();
 
     let name = job_name(launch.job_id, launch.attempt);
@@ -482,11 +488,8 @@ async fn an_end_missed_while_unwatched_is_found_by_the_relist_after_410_gone() {
 
 #[tokio::test]
 async fn a_watch_that_times_out_resumes_from_its_resource_version_without_a_relist() {
-    let mut harness = Harness::start();
     let launch = cpu_launch();
-    harness.backend.launch(&launch).await.expect("launch");
-    harness.watching().await;
-    harness.running_becomes(1).await;
+    let mut harness = Harness::running(&launch).await;
     let (lists_before, watches_before) = (harness.server.lists(), harness.server.watches());
 
     let name = job_name(launch.job_id, launch.attempt);
@@ -503,11 +506,8 @@ async fn a_watch_that_times_out_resumes_from_its_resource_version_without_a_reli
 
 #[tokio::test]
 async fn api_server_errors_fail_a_launch_and_the_watch_recovers_from_them() {
-    let mut harness = Harness::start();
     let launch = cpu_launch();
-    harness.backend.launch(&launch).await.expect("launch");
-    harness.watching().await;
-    harness.running_becomes(1).await;
+    let mut harness = Harness::running(&launch).await;
 
     harness.server.fail_next(1);
     let refused = gpu_launch();
@@ -532,11 +532,8 @@ async fn api_server_errors_fail_a_launch_and_the_watch_recovers_from_them() {
 
 #[tokio::test]
 async fn a_job_deleted_while_unwatched_ends_its_attempt() {
-    let mut harness = Harness::start();
     let launch = gpu_launch();
-    harness.backend.launch(&launch).await.expect("launch");
-    harness.watching().await;
-    harness.running_becomes(1).await;
+    let mut harness = Harness::running(&launch).await;
 
     let name = job_name(launch.job_id, launch.attempt);
     harness
