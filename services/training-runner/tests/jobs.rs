@@ -320,19 +320,7 @@ async fn a_killed_worker_resumes_from_its_last_checkpoint_in_a_new_attempt() {
 
     let id = app.submit(pretrain_spec(400, 4)).await;
     let path = format!("/v1/jobs/{id}");
-    let waited = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let checkpoints = app.get(&format!("{path}/checkpoints")).await;
-            let job = app.get(&path).await;
-            let pid = job["attempts"][0]["worker_pid"].as_i64().unwrap_or(0);
-            if !checkpoints["data"].as_array().expect("a list").is_empty() && pid > 0 {
-                return pid;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let pid = waited.expect("a first checkpoint within the patience");
+    let pid = first_checkpointed_worker(&app, &path).await;
     // Ensure the job is still mid-run: the kill must interrupt training, not a finished job.
     let before = app.get(&path).await;
     assert_eq!(before["state"], "running", "{before}");
@@ -483,4 +471,59 @@ async fn failing_attempts_are_retried_up_to_the_limit_and_bad_inputs_fail_at_onc
         assert_eq!(finished[0].artifact_prefix, None);
     }
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_loses_its_lease_and_is_stopped_before_the_next_attempt() {
+    let app = spawn_runner(&[]).await;
+    corpus(&app).await;
+    tokenizer(&app).await;
+    let id = app.submit(pretrain_spec(300, 4)).await;
+    let path = format!("/v1/jobs/{id}");
+    let pid = first_checkpointed_worker(&app, &path).await;
+
+    // SIGSTOP: the process lives on but never heartbeats, as a hung worker would. Only the
+    // lease can catch it; the runner must kill it before starting attempt 2.
+    let frozen = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(frozen.success());
+
+    let job = app.wait_final(&id, PATIENCE).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["state"], "lost");
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lease expired")),
+        "{job}"
+    );
+    assert!(attempts[1]["resumed_from_step"].as_i64() > Some(0), "{job}");
+    // `kill -0` fails once the frozen process is gone: the runner stopped it.
+    let alive = std::process::Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(!alive.success(), "the frozen worker {pid} was killed");
+    app.stop().await;
+}
+
+/// Waits until the first attempt has written a checkpoint; returns its worker's pid.
+async fn first_checkpointed_worker(app: &RunnerApp, path: &str) -> i64 {
+    let waited = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let checkpoints = app.get(&format!("{path}/checkpoints")).await;
+            let job = app.get(path).await;
+            let pid = job["attempts"][0]["worker_pid"].as_i64().unwrap_or(0);
+            if !checkpoints["data"].as_array().expect("a list").is_empty() && pid > 0 {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    waited.expect("a first checkpoint within the patience")
 }
