@@ -413,7 +413,15 @@ impl<'m> Batch<'m> {
     /// Samples one token for every sequence, returns what each produced, drops the finished
     /// ones and runs the forward pass that prepares the next step.
     pub fn step(&mut self) -> Vec<StepOutput> {
+        self.step_with(|_| {})
+    }
+
+    /// [`Batch::step`], handing the outputs to `deliver` as soon as they are sampled, before
+    /// the forward pass that prepares the next step: a server streams them without making
+    /// clients wait for that pass.
+    pub fn step_with(&mut self, deliver: impl FnOnce(&[StepOutput])) -> Vec<StepOutput> {
         let outputs: Vec<StepOutput> = self.sequences.iter_mut().map(Sequence::advance).collect();
+        deliver(&outputs);
 
         let keep: Vec<i64> = outputs
             .iter()

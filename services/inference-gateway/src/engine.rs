@@ -201,11 +201,17 @@ struct Active {
 struct Server<'m> {
     batch: Batch<'m>,
     waiting: VecDeque<Queued>,
+    requests: Requests,
+    max_batch_sequences: usize,
+    metrics: EngineMetrics,
+}
+
+/// The requests in the batch and the sequences each owns.
+struct Requests {
     active: HashMap<u64, Active>,
     /// Which request and choice each running sequence belongs to.
     owners: HashMap<SequenceId, (u64, usize)>,
     next_request: u64,
-    max_batch_sequences: usize,
     metrics: EngineMetrics,
 }
 
@@ -214,9 +220,12 @@ impl<'m> Server<'m> {
         Self {
             batch: Batch::new(model, tokenizer),
             waiting: VecDeque::new(),
-            active: HashMap::new(),
-            owners: HashMap::new(),
-            next_request: 0,
+            requests: Requests {
+                active: HashMap::new(),
+                owners: HashMap::new(),
+                next_request: 0,
+                metrics: config.metrics.clone(),
+            },
             max_batch_sequences: config.max_batch_sequences.max(1),
             metrics: config.metrics.clone(),
         }
@@ -238,10 +247,20 @@ impl<'m> Server<'m> {
             if self.batch.is_empty() {
                 continue;
             }
-            let outputs = self.batch.step();
+            // Tokens go out as soon as they are sampled, before the forward pass that prepares
+            // the next step, so no client waits for a pass its token does not need.
+            let book = &mut self.requests;
+            let mut abandoned = Vec::new();
+            self.batch
+                .step_with(|outputs| abandoned = book.dispatch(outputs));
             // Completions are reported through the deltas; drop the batch's copies.
             self.batch.take_completions();
-            self.dispatch(outputs);
+            for key in abandoned {
+                // The client went away: stop spending compute on its sequences.
+                if let Some(sequences) = self.requests.abandon(key) {
+                    self.batch.remove(&sequences);
+                }
+            }
         }
     }
 
@@ -294,7 +313,7 @@ impl<'m> Server<'m> {
                 for queued in admitted {
                     let count = queued.request.choices.len();
                     let own: Vec<SequenceId> = ids.by_ref().take(count).collect();
-                    self.activate(queued, own);
+                    self.requests.activate(queued, own);
                 }
             }
             // A request the batch refuses (an id outside the vocabulary, say) must not sink
@@ -315,13 +334,15 @@ impl<'m> Server<'m> {
             .map(|params| (queued.request.prompt.clone(), params.clone()))
             .collect();
         match self.batch.add(&prompts) {
-            Ok(ids) => self.activate(queued, ids),
+            Ok(ids) => self.requests.activate(queued, ids),
             Err(error) => {
                 let _ = queued.deltas.send(Err(error.into()));
             }
         }
     }
+}
 
+impl Requests {
     fn activate(&mut self, queued: Queued, sequences: Vec<SequenceId>) {
         let key = self.next_request;
         self.next_request += 1;
@@ -343,9 +364,9 @@ impl<'m> Server<'m> {
         );
     }
 
-    /// Sends each output to its request, measures latencies, and retires finished or
-    /// abandoned requests.
-    fn dispatch(&mut self, outputs: Vec<StepOutput>) {
+    /// Sends each output to its request, measures latencies and retires finished requests;
+    /// returns the requests whose client went away.
+    fn dispatch(&mut self, outputs: &[StepOutput]) -> Vec<u64> {
         let now = Instant::now();
         let mut abandoned = Vec::new();
         for output in outputs {
@@ -368,19 +389,18 @@ impl<'m> Server<'m> {
                 self.metrics.time_to_first_token.observe(ttft.as_secs_f64());
             }
             active.last_token_at[choice] = now;
-            let finished = output.finished.is_some();
             let delta = ChoiceDelta {
                 choice,
                 token: output.token,
-                text: output.text_delta,
-                logprob: output.logprob,
+                text: output.text_delta.clone(),
+                logprob: output.logprob.clone(),
                 finished: output.finished,
             };
             if active.deltas.send(Ok(delta)).is_err() {
                 abandoned.push(key);
                 continue;
             }
-            if finished {
+            if output.finished.is_some() {
                 active.unfinished -= 1;
                 if active.unfinished == 0 {
                     let e2e = now.duration_since(active.enqueued_at);
@@ -389,16 +409,17 @@ impl<'m> Server<'m> {
                 }
             }
         }
-        for key in abandoned {
-            if let Some(active) = self.active.get(&key) {
-                // The client went away: stop spending compute on its sequences.
-                self.batch.remove(&active.sequences);
-                for sequence in &active.sequences {
-                    self.owners.remove(sequence);
-                }
-                self.retire(key);
-            }
+        abandoned
+    }
+
+    /// Forgets a request whose client left; returns its sequences to drop from the batch.
+    fn abandon(&mut self, key: u64) -> Option<Vec<SequenceId>> {
+        let sequences = self.active.get(&key)?.sequences.clone();
+        for sequence in &sequences {
+            self.owners.remove(sequence);
         }
+        self.retire(key);
+        Some(sequences)
     }
 
     fn retire(&mut self, key: u64) {
