@@ -338,10 +338,11 @@ fn curves(pipeline: &Pipeline, state: &RunState) -> Vec<(String, String)> {
             continue;
         }
         let caption = format!(
-            "{} ({}): {}",
+            "{} ({}): {} ({})",
             stage.name,
             stage.kind.as_str(),
-            label(record)
+            label(record),
+            record.model_version_id.as_deref().unwrap_or_default()
         );
         plots.push((caption, svg(&lines)));
     }
