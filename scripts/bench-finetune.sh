@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Fine-tuning benchmarks, printed (never asserted; numbers depend on the machine):
+#   1. peak resident memory (VmHWM) and training tokens/s of full fine-tuning, LoRA (r=8 on
+#      q/k/v/o) and QLoRA (NF4 base, same adapter) of the `gpt2` preset on random tokens, each
+#      method in a process of its own; the QLoRA/full and LoRA/full peak ratios; LoRA's
+#      trainable fraction.
+#   2. held-out loss after the same SFT steps on data/sft/alpaca_en_demo.json with full, LoRA
+#      and QLoRA over a `tiny` base pretrained here first on data/corpus/corpus.txt.
+# Usage: scripts/bench-finetune.sh [threads] (default 1). FERRITE_BENCH_QUALITY_STEPS and
+# FERRITE_BENCH_PRETRAIN_STEPS shorten or lengthen part 2.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$FERRITE_ROOT"
+threads="${1:-1}"
+export OMP_NUM_THREADS="$threads"
+
+cargo build --release --quiet -p ferrite-training --example finetune_bench --example pretrain
+bench="$FERRITE_ROOT/target/release/examples/finetune_bench"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+for method in full lora qlora; do
+  "$bench" memory --method "$method" --preset gpt2 --steps 3 --batch-size 2 \
+    --sequence-length 128 --threads "$threads" | tee -a "$work/memory.jsonl"
+done
+python3 - "$work/memory.jsonl" <<'PY'
+import json, sys
+rows = {row["method"]: row for row in map(json.loads, open(sys.argv[1]))}
+full = rows["full"]
+for name in ("full", "lora", "qlora"):
+    row = rows[name]
+    print(f"{name:6} peak {row['peak_rss_mib']:8.0f} MiB ({row['peak_rss_mib'] / full['peak_rss_mib']:.2f} of full)"
+          f"  {row['tokens_per_second']:8.1f} tokens/s ({row['tokens_per_second'] / full['tokens_per_second']:.2f}x full)"
+          f"  trainable {100 * row['trainable_fraction']:.3f}%")
+PY
+
+base="$work/base"
+"$FERRITE_ROOT/target/release/examples/pretrain" --corpus "$FERRITE_DATA/corpus/corpus.txt" \
+  --out "$base" --preset tiny --vocab-size 2048 --max-bytes 4000000 \
+  --steps "${FERRITE_BENCH_PRETRAIN_STEPS:-300}" --batch-size 16 --sequence-length 128 \
+  --lr 3e-3 --eval-interval 100 --threads "$threads" | tail -n 3
+"$bench" quality --base "$base" --data "$FERRITE_DATA/sft/alpaca_en_demo.json" \
+  --steps "${FERRITE_BENCH_QUALITY_STEPS:-60}" --batch-size 8 --max-length 256 --threads "$threads"
