@@ -166,6 +166,8 @@ fn run_thread(
 
 /// The base model, with the adapter (if any) merged into its weights: serving then costs
 /// what the base costs.
+// TODO: engines run on the CPU in f32 only; serving on a GPU or with int8/NF4 weights needs a
+// device and quantisation in the deployment, which this slice does not take yet.
 fn load_model(config: &LocalEngineConfig) -> Result<checkpoint::Checkpoint, EngineError> {
     let mut checkpoint =
         checkpoint::load(&config.checkpoint_dir, tch::Device::Cpu).map_err(|source| {

@@ -23,6 +23,8 @@ use sqlx::migrate::Migrator;
 use crate::deployments::{Deployments, Loader};
 
 /// Sequences one engine steps together; more wait in its queue.
+// TODO: one fixed bound for every deployment and one engine each; replica counts scaled by
+// queue depth and per-deployment batch sizes are still to come.
 const MAX_BATCH_SEQUENCES: usize = 8;
 
 /// The service, ready to mount in its own binary or in `ferrite up`.
