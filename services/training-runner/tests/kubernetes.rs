@@ -711,3 +711,13 @@ fn dump_manifests() {
         std::fs::write(folder.join(format!("{name}.yaml")), yaml).expect("write");
     }
 }
+
+/// A real cluster is reached over TLS, which the loopback fake does not exercise. Building
+/// the client sets up rustls; with no crypto provider chosen (ring and aws-lc-rs both or
+/// neither compiled in), this panics instead of connecting.
+#[tokio::test]
+async fn a_client_for_an_https_api_server_can_be_built() {
+    let config = kube::Config::new("https://127.0.0.1:6443".parse().expect("URL"));
+    let client = kube::Client::try_from(config);
+    assert!(client.is_ok(), "{:?}", client.err());
+}
