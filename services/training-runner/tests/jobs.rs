@@ -318,19 +318,8 @@ async fn a_killed_worker_resumes_from_its_last_checkpoint_in_a_new_attempt() {
     corpus(&app).await;
     tokenizer(&app).await;
 
-    let id = app.submit(pretrain_spec(400, 4)).await;
+    let (id, _) = signal_first_worker(&app, 400, "-KILL").await;
     let path = format!("/v1/jobs/{id}");
-    let pid = first_checkpointed_worker(&app, &path).await;
-    // Ensure the job is still mid-run: the kill must interrupt training, not a finished job.
-    let before = app.get(&path).await;
-    assert_eq!(before["state"], "running", "{before}");
-
-    let killed = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
-
     let job = app.wait_final(&id, PATIENCE).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 400);
@@ -478,17 +467,9 @@ async fn a_frozen_worker_loses_its_lease_and_is_stopped_before_the_next_attempt(
     let app = spawn_runner(&[]).await;
     corpus(&app).await;
     tokenizer(&app).await;
-    let id = app.submit(pretrain_spec(300, 4)).await;
-    let path = format!("/v1/jobs/{id}");
-    let pid = first_checkpointed_worker(&app, &path).await;
-
     // SIGSTOP: the process lives on but never heartbeats, as a hung worker would. Only the
     // lease can catch it; the runner must kill it before starting attempt 2.
-    let frozen = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(frozen.success());
+    let (id, pid) = signal_first_worker(&app, 300, "-STOP").await;
 
     let job = app.wait_final(&id, PATIENCE).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -505,18 +486,23 @@ async fn a_frozen_worker_loses_its_lease_and_is_stopped_before_the_next_attempt(
     // `kill -0` fails once the frozen process is gone: the runner stopped it.
     let alive = std::process::Command::new("kill")
         .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("run kill");
     assert!(!alive.success(), "the frozen worker {pid} was killed");
     app.stop().await;
 }
 
-/// Waits until the first attempt has written a checkpoint; returns its worker's pid.
-async fn first_checkpointed_worker(app: &RunnerApp, path: &str) -> i64 {
+/// Submits a pretraining job that checkpoints every 4 steps and, once its first worker has
+/// written a checkpoint and while the job still runs, sends that worker `signal`. Returns the
+/// job id and the worker's pid.
+async fn signal_first_worker(app: &RunnerApp, steps: u64, signal: &str) -> (String, i64) {
+    let id = app.submit(pretrain_spec(steps, 4)).await;
+    let path = format!("/v1/jobs/{id}");
     let waited = tokio::time::timeout(PATIENCE, async {
         loop {
             let checkpoints = app.get(&format!("{path}/checkpoints")).await;
-            let job = app.get(path).await;
+            let job = app.get(&path).await;
             let pid = job["attempts"][0]["worker_pid"].as_i64().unwrap_or(0);
             if !checkpoints["data"].as_array().expect("a list").is_empty() && pid > 0 {
                 return pid;
@@ -525,5 +511,14 @@ async fn first_checkpointed_worker(app: &RunnerApp, path: &str) -> i64 {
         }
     })
     .await;
-    waited.expect("a first checkpoint within the patience")
+    let pid = waited.expect("a first checkpoint within the patience");
+    // The signal must interrupt training, not a finished job.
+    let before = app.get(&path).await;
+    assert_eq!(before["state"], "running", "{before}");
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
+    (id, pid)
 }
