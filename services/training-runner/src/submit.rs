@@ -68,6 +68,9 @@ pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), Su
     if let Some(name) = &spec.output_model_name {
         check_name(name)?;
     }
+    // Checked whatever the backend: a spec must stay valid if the runner moves to Kubernetes.
+    crate::kubernetes::validate_resources(&spec.resources)
+        .map_err(|error| invalid(error.field, error.problem))?;
     if spec.datasets.is_empty() {
         return Err(invalid("datasets", "a job needs at least one dataset"));
     }
@@ -258,6 +261,15 @@ mod tests {
             "kind": "tokenizer", "datasets": [{"reference": "a"}], "max_attempts": 0,
         }));
         assert_eq!(field_of(check(&spec, 3)), "max_attempts");
+    }
+
+    #[test]
+    fn resources_the_api_server_would_refuse_are_named() {
+        let spec = spec(serde_json::json!({
+            "kind": "tokenizer", "datasets": [{"reference": "a"}],
+            "resources": {"cpu": "four"},
+        }));
+        assert_eq!(field_of(check(&spec, 3)), "resources.cpu");
     }
 
     #[test]

@@ -223,6 +223,12 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
             "invalid_value",
         ),
         (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}],
+                   "resources": {"node_selector": {"gpu type": "h100"}}}),
+            "resources.node_selector.gpu type",
+            "invalid_value",
+        ),
+        (
             json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "epochs": 3}),
             "epochs",
             "invalid_value",
