@@ -76,9 +76,7 @@ stages:
 }
 
 #[test]
-fn the_bundled_pipelines_parse() {
-    // Hyper-parameters of kinds whose trainer is absent are reported as unavailable, which is
-    // a check failure of its own; every other problem would be a defect in the examples.
+fn the_bundled_pipelines_pass_their_checks() {
     for name in ["demo.yaml", "demo-quick.yaml", "smollm2-lora.yaml"] {
         let file = repo_root().join("examples").join(name);
         let output = Command::new(FERRITE)
@@ -87,12 +85,7 @@ fn the_bundled_pipelines_parse() {
             .output()
             .expect("run ferrite pipeline check");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let problems: Vec<&str> = stderr
-            .lines()
-            .filter(|line| line.contains(".yaml:"))
-            .filter(|line| !line.contains("is not available in this version"))
-            .collect();
-        assert!(problems.is_empty(), "{name}:\n{stderr}");
+        assert!(output.status.success(), "{name}:\n{stderr}");
     }
 }
 
