@@ -20,7 +20,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 for method in full lora qlora; do
-  "$bench" memory --method "$method" --preset gpt2 --steps 3 --batch-size 2 \
+  "$bench" memory --method "$method" --preset gpt2 --steps 2 --batch-size 1 \
     --sequence-length 128 --threads "$threads" | tee -a "$work/memory.jsonl"
 done
 python3 - "$work/memory.jsonl" <<'PY'
