@@ -4,7 +4,8 @@
 //! `cargo bench -p ferrite-dataset-registry --bench upload` reads the fetched chat and SFT
 //! data (`scripts/fetch-data.sh`) when present and a generated SFT file otherwise, streams each
 //! in 64 KiB chunks, and prints MB/s and rows/s of both paths and their ratio. The store is a
-//! local folder (`FERRITE_STORE`, a temp folder by default), so the network is not measured.
+//! temp folder unless the `FERRITE_STORE` settings (with `FERRITE_S3_*`) name another, such as
+//! an s3s-fs on loopback.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,12 +89,14 @@ async fn plain(storage: &Storage, input: &Input) -> anyhow::Result<Duration> {
 
 async fn run() -> anyhow::Result<()> {
     let folder = tempfile::tempdir()?;
-    let mut env = BTreeMap::new();
-    let store =
-        std::env::var("FERRITE_STORE").unwrap_or_else(|_| folder.path().display().to_string());
-    env.insert("FERRITE_STORE".to_owned(), store);
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(name, _)| name.starts_with("FERRITE_"))
+        .collect();
+    env.entry("FERRITE_STORE".to_owned())
+        .or_insert_with(|| folder.path().display().to_string());
     let settings = Settings::load(None, &env)?;
     let storage = Storage::from_settings(&settings.store)?;
+    println!("store: {storage:?}");
 
     println!(
         "{:<26} {:>9} {:>10} {:>12} {:>10} {:>8}",
