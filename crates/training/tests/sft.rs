@@ -423,3 +423,23 @@ fn bad_hyper_parameters_name_their_field() {
         .expect_err("unknown key");
     assert!(error.message.contains("learning_rate"), "{error:?}");
 }
+
+#[test]
+fn the_fetched_alpaca_and_chat_data_read_without_error() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    let alpaca = root.join("sft/alpaca_en_demo.json");
+    let chat = root.join("chat/chitchat.jsonl");
+    if !alpaca.exists() || !chat.exists() {
+        eprintln!("SKIPPED: run scripts/fetch-data.sh for {}", root.display());
+        return;
+    }
+    // data/README.md: 999 Alpaca records (a JSON array) and 4,017 chats of two or more turns.
+    let read = |path: &Path| {
+        let text = std::fs::read_to_string(path).expect("reads");
+        sft_data::parse_conversations(&text).expect("every record parses")
+    };
+    assert_eq!(read(&alpaca).len(), 999);
+    let chats = read(&chat);
+    assert_eq!(chats.len(), 4017);
+    assert!(chats.iter().all(|chat| chat.len() >= 2));
+}
