@@ -140,7 +140,7 @@ impl Run {
             let done = previous.is_some_and(|record| {
                 record.status == StageStatus::Succeeded && record.spec_digest == digest
             });
-            if done {
+            if done && self.output_still_registered(&stage.name).await? {
                 eprintln!("{:>14} finished earlier, skipped", stage.name);
                 continue;
             }
@@ -157,6 +157,21 @@ impl Run {
             self.run_stage(&stage).await?;
         }
         Ok(())
+    }
+
+    /// Whether a finished stage's version is still in the registry: a state file may outlive
+    /// the database it was made against, and then the stage runs again.
+    async fn output_still_registered(&self, stage: &str) -> anyhow::Result<bool> {
+        let Some(id) = self
+            .state
+            .stages
+            .get(stage)
+            .and_then(|record| record.model_version_id.as_ref())
+        else {
+            return Ok(true);
+        };
+        let path = format!("/v1/registry/versions/{id}");
+        Ok(self.client.get_optional(&path).await?.is_some())
     }
 
     /// What each of the stage's references means now; an unresolvable one stays as written.
