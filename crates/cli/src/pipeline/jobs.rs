@@ -3,7 +3,8 @@
 //! The stage submits `POST /v1/jobs`, follows the job (state, step, live metrics) until it ends,
 //! then waits for the model registry to register the job's output, which it does on its own
 //! when the runner's `JobFinished` event arrives. A rerun whose state names a job attaches to
-//! it instead of submitting a second one.
+//! it instead of submitting a second one. The CLI follows jobs over REST (state, progress and
+//! metric series) rather than on the broker: it is an outside client, like any user's script.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
