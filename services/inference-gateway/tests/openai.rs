@@ -522,3 +522,27 @@ async fn concurrent_requests_share_the_batch_and_each_gets_its_own_answer() {
     }
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_lists_the_gateway_routes() {
+    let gateway = TestGateway::spawn().await;
+    let document: Value = gateway
+        .client
+        .get(gateway.url("/openapi.json"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("JSON");
+    for path in [
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/deployments",
+        "/v1/deployments/{name}",
+    ] {
+        assert!(document["paths"][path].is_object(), "{path} missing");
+    }
+    gateway.stop().await;
+}
