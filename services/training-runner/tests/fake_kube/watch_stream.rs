@@ -36,6 +36,11 @@ impl WatchStream {
                 change = self.changes.recv() => {
                     // A lagging watch ends; the client resumes from its last version.
                     let change = change.ok()?;
+                    // The close may have come between polling it and this change, which was
+                    // sent after it: a closed watch must not deliver it.
+                    if self.close.has_changed().unwrap_or(true) {
+                        return None;
+                    }
                     if let Some(event) = self.event(&change) {
                         return Some(line(&event));
                     }
