@@ -94,10 +94,8 @@ impl Backend for KubernetesBackend {
 
     #[tracing::instrument(skip_all, fields(job.id = %launch.job_id, attempt = launch.attempt))]
     async fn launch(&self, launch: &AttemptLaunch) -> anyhow::Result<()> {
-        // Checking here keeps a bad spec from reaching the API server as a 422 with a less
-        // helpful message.
-        // TODO: POST /v1/jobs does not call validate_resources yet, so such a spec is accepted
-        // and each of its attempts fails here instead of the submission getting a 400.
+        // POST /v1/jobs refuses such a spec with a 400; checking again keeps one that got in
+        // some other way from reaching the API server as a less helpful 422.
         validate_resources(&launch.resources)?;
         let job = self.manifest(launch);
         let name = job_name(launch.job_id, launch.attempt);
