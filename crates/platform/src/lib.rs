@@ -13,6 +13,7 @@ pub mod error;
 pub mod http;
 pub mod launch;
 pub mod metrics;
+pub mod names;
 pub mod peers;
 pub mod secret;
 pub mod settings;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::data;
-use crate::pretrain::{Metrics, PretrainConfig, Pretrainer};
+use crate::pretrain::{Metrics, PretrainConfig, PretrainError, Pretrainer};
 use crate::sft::SftConfig;
 
 /// What a job trains.
@@ -184,14 +184,105 @@ pub struct FieldError {
 
 /// Checks `hyper_parameters` for `kind` without running anything.
 pub fn validate(kind: JobKind, hyper_parameters: &serde_json::Value) -> Result<(), FieldError> {
-    match kind {
-        JobKind::Tokenizer => parse::<TokenizerJobConfig>(hyper_parameters)?.check(),
-        JobKind::Pretrain => parse::<PretrainJobConfig>(hyper_parameters)?.check(),
-        JobKind::Sft | JobKind::Lora | JobKind::Qlora => parse::<SftConfig>(hyper_parameters)?
-            .check()
-            .map_err(|(name, message)| field(name, message)),
-        JobKind::Reward | JobKind::Ppo | JobKind::Grpo => Err(unsupported(kind)),
+    let total_steps = match kind {
+        JobKind::Tokenizer => return parse::<TokenizerJobConfig>(hyper_parameters)?.check(),
+        JobKind::Pretrain => {
+            let config = parse::<PretrainJobConfig>(hyper_parameters)?;
+            config.check()?;
+            config.run.total_steps
+        }
+        JobKind::Sft | JobKind::Lora | JobKind::Qlora => {
+            let config = parse::<SftConfig>(hyper_parameters)?;
+            crate::sft_job::check(&config).map_err(|(name, message)| field(name, message))?;
+            config.total_steps
+        }
+        JobKind::Reward | JobKind::Ppo | JobKind::Grpo => return Err(unsupported(kind)),
+    };
+    check_warmup(hyper_parameters, total_steps)
+}
+
+/// A warmup the spec asks for must fit in the run. The default warmup is only cut short by a
+/// short run (the schedule handles that), so only an explicit `warmup_steps` is held to it.
+fn check_warmup(
+    hyper_parameters: &serde_json::Value,
+    total_steps: usize,
+) -> Result<(), FieldError> {
+    match hyper_parameters
+        .get("warmup_steps")
+        .and_then(|v| v.as_u64())
+    {
+        Some(warmup) if warmup > total_steps as u64 => Err(field(
+            "warmup_steps",
+            format!("must be at most total_steps ({total_steps})"),
+        )),
+        _ => Ok(()),
     }
+}
+
+/// Most dataset references one job may name.
+pub const MAX_DATASETS: usize = 16;
+
+/// Checks a job's inputs as the registries resolved them, before anything is downloaded:
+/// whether a base model is needed, and the kind and role of every dataset (`datasets` holds
+/// each dataset's registry kind and role, in the spec's order). Errors name `base_model` or
+/// `datasets[i]`, the way the spec spells them.
+pub fn check_inputs(
+    kind: JobKind,
+    has_base_model: bool,
+    datasets: &[(&str, DatasetRole)],
+) -> Result<(), FieldError> {
+    let (needs_base, readable): (bool, &[&str]) = match kind {
+        JobKind::Tokenizer => (false, &["text"]),
+        // The base of a pretraining run is the folder holding its tokenizer.
+        JobKind::Pretrain => (true, &["text"]),
+        JobKind::Sft | JobKind::Lora | JobKind::Qlora => (true, &crate::sft_job::KINDS),
+        JobKind::Reward | JobKind::Ppo | JobKind::Grpo => return Err(unsupported(kind)),
+    };
+    if needs_base && !has_base_model {
+        return Err(FieldError {
+            field: "base_model".into(),
+            message: format!("a `{kind}` job needs a base model"),
+        });
+    }
+    if datasets.len() > MAX_DATASETS {
+        return Err(FieldError {
+            field: "datasets".into(),
+            message: format!("a job names at most {MAX_DATASETS} datasets"),
+        });
+    }
+    // Tokenizer and pretraining jobs read one text and hold out their own evaluation data;
+    // fine-tuning reads one train set and at most one eval set.
+    let eval_allowed = usize::from(kind != JobKind::Tokenizer && kind != JobKind::Pretrain);
+    let mut counts = [0usize; 2];
+    for (index, &(dataset_kind, role)) in datasets.iter().enumerate() {
+        let at = |message: String| FieldError {
+            field: format!("datasets[{index}]"),
+            message,
+        };
+        if !readable.contains(&dataset_kind) {
+            return Err(at(format!(
+                "is a `{dataset_kind}` dataset; a `{kind}` job reads {}",
+                readable.join(" or ")
+            )));
+        }
+        let (slot, limit) = match role {
+            DatasetRole::Train => (0, 1),
+            DatasetRole::Eval => (1, eval_allowed),
+        };
+        counts[slot] += 1;
+        if counts[slot] > limit {
+            return Err(at(format!(
+                "a `{kind}` job takes at most {limit} {role:?} dataset(s)"
+            )));
+        }
+    }
+    if counts[0] == 0 {
+        return Err(FieldError {
+            field: "datasets".into(),
+            message: format!("a `{kind}` job needs exactly one train dataset"),
+        });
+    }
+    Ok(())
 }
 
 /// Runs `kind` to the end, or until the observer asks it to stop.
@@ -214,8 +305,7 @@ pub fn run(
         }
         JobKind::Sft | JobKind::Lora | JobKind::Qlora => {
             let config = parse::<SftConfig>(hyper_parameters).map_err(invalid)?;
-            config
-                .check()
+            crate::sft_job::check(&config)
                 .map_err(|(name, message)| invalid(field(name, message)))?;
             crate::sft_job::run_sft(kind, config, inputs, observer)
         }
@@ -232,10 +322,17 @@ fn unsupported(kind: JobKind) -> FieldError {
 
 /// Deserialises hyper-parameters, naming the offending field on failure.
 fn parse<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, FieldError> {
-    let value = if value.is_null() {
-        serde_json::json!({})
-    } else {
-        value.clone()
+    // Absent or null means every default; anything but an object is a mistake (serde would
+    // read an array as a struct's fields in order).
+    let value = match value {
+        serde_json::Value::Null => serde_json::json!({}),
+        serde_json::Value::Object(_) => value.clone(),
+        _ => {
+            return Err(FieldError {
+                field: "hyper_parameters".into(),
+                message: "must be a JSON object".into(),
+            });
+        }
     };
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
@@ -458,7 +555,11 @@ fn run_pretrain(
             inputs.device,
         ),
     }
-    .map_err(|error| failed(&error))?;
+    .map_err(|error| match error {
+        // Too little data or a bad setting will not improve on another attempt.
+        PretrainError::Data(_) | PretrainError::Invalid(_) => JobError::Invalid(error.to_string()),
+        other => failed(&other),
+    })?;
 
     let total = trainer.config().total_steps;
     let interval = if config.checkpoint_interval == 0 {
@@ -520,4 +621,153 @@ fn run_pretrain(
         ]),
         steps: total as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DatasetRole::{Eval, Train};
+
+    fn field_of(result: Result<(), FieldError>) -> String {
+        result.expect_err("refused").field
+    }
+
+    #[test]
+    fn inputs_a_job_can_run_pass() {
+        assert_eq!(
+            check_inputs(JobKind::Tokenizer, false, &[("text", Train)]),
+            Ok(())
+        );
+        assert_eq!(
+            check_inputs(JobKind::Pretrain, true, &[("text", Train)]),
+            Ok(())
+        );
+        let chats = [("chat", Train), ("sft", Eval)];
+        assert_eq!(check_inputs(JobKind::Qlora, true, &chats), Ok(()));
+    }
+
+    #[test]
+    fn inputs_that_cannot_run_name_their_field() {
+        // Every fine-tuning kind and pretraining load their tokenizer from the base model.
+        for kind in [
+            JobKind::Pretrain,
+            JobKind::Sft,
+            JobKind::Lora,
+            JobKind::Qlora,
+        ] {
+            let dataset = if kind == JobKind::Pretrain {
+                "text"
+            } else {
+                "sft"
+            };
+            assert_eq!(
+                field_of(check_inputs(kind, false, &[(dataset, Train)])),
+                "base_model"
+            );
+        }
+        // Wrong kinds: the first dataset is the offender.
+        assert_eq!(
+            field_of(check_inputs(JobKind::Tokenizer, false, &[("sft", Train)])),
+            "datasets[0]"
+        );
+        assert_eq!(
+            field_of(check_inputs(JobKind::Sft, true, &[("text", Train)])),
+            "datasets[0]"
+        );
+        // Counts: the second train dataset is one too many; an eval-only job has no train set;
+        // a tokenizer holds out its own evaluation text.
+        let two = [("text", Train), ("text", Train)];
+        assert_eq!(
+            field_of(check_inputs(JobKind::Tokenizer, false, &two)),
+            "datasets[1]"
+        );
+        assert_eq!(
+            field_of(check_inputs(JobKind::Sft, true, &[("chat", Eval)])),
+            "datasets"
+        );
+        let with_eval = [("text", Train), ("text", Eval)];
+        assert_eq!(
+            field_of(check_inputs(JobKind::Pretrain, true, &with_eval)),
+            "datasets[1]"
+        );
+        let two_evals = [("chat", Train), ("chat", Eval), ("chat", Eval)];
+        assert_eq!(
+            field_of(check_inputs(JobKind::Lora, true, &two_evals)),
+            "datasets[2]"
+        );
+    }
+
+    #[test]
+    fn hyper_parameters_that_are_not_an_object_are_refused() {
+        // null means every default; an array would otherwise be read as fields in order.
+        assert_eq!(validate(JobKind::Sft, &serde_json::Value::Null), Ok(()));
+        for kind in [JobKind::Tokenizer, JobKind::Pretrain, JobKind::Sft] {
+            assert_eq!(
+                field_of(validate(kind, &serde_json::json!([]))),
+                "hyper_parameters"
+            );
+        }
+    }
+
+    #[test]
+    fn absurd_hyper_parameters_are_refused_by_name() {
+        use serde_json::json;
+        // Each value is the tester's, far past the caps (4096 rows, 131072 tokens, 2^20
+        // tokens a step, lr 1, 1..=1024 threads).
+        let cases = [
+            (
+                JobKind::Pretrain,
+                json!({"batch_size": 1_000_000_000u64}),
+                "batch_size",
+            ),
+            (
+                JobKind::Pretrain,
+                json!({"sequence_length": 1_000_000_000u64}),
+                "sequence_length",
+            ),
+            (JobKind::Pretrain, json!({"peak_lr": 1e300}), "peak_lr"),
+            (JobKind::Pretrain, json!({"threads": 0}), "threads"),
+            (JobKind::Pretrain, json!({"threads": 100_000}), "threads"),
+            (
+                JobKind::Pretrain,
+                json!({"total_steps": 10, "warmup_steps": 11}),
+                "warmup_steps",
+            ),
+            (
+                JobKind::Sft,
+                json!({"batch_size": 100_000_000u64}),
+                "batch_size",
+            ),
+            (
+                JobKind::Sft,
+                json!({"max_length": 10_000_000_000u64}),
+                "max_length",
+            ),
+            (JobKind::Sft, json!({"lr": 1e300}), "lr"),
+            (JobKind::Lora, json!({"threads": 0}), "threads"),
+            (
+                JobKind::Qlora,
+                json!({"total_steps": 5, "warmup_steps": 6}),
+                "warmup_steps",
+            ),
+            // 2048 rows of 1024 tokens: each under its own cap, 2^21 tokens together.
+            (
+                JobKind::Sft,
+                json!({"batch_size": 2048, "max_length": 1024}),
+                "batch_size",
+            ),
+        ];
+        for (kind, hyper_parameters, name) in cases {
+            assert_eq!(
+                field_of(validate(kind, &hyper_parameters)),
+                format!("hyper_parameters.{name}"),
+                "{kind} {hyper_parameters}"
+            );
+        }
+        // The default warmup (50 pretraining steps) is only cut short by a short run.
+        assert_eq!(
+            validate(JobKind::Pretrain, &json!({"total_steps": 6})),
+            Ok(())
+        );
+    }
 }

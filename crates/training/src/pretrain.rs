@@ -122,8 +122,35 @@ impl PretrainConfig {
                 return Err((name, "must be positive"));
             }
         }
+        // Upper bounds: far above any preset's run, far below what would exhaust a worker's
+        // memory before the first step (a batch of 1e9 once asked for a terabyte).
+        if self.batch_size > 4096 {
+            return Err(("batch_size", "must be at most 4096"));
+        }
+        if self.sequence_length > 131_072 {
+            return Err(("sequence_length", "must be at most 131072"));
+        }
+        if self.batch_size * self.sequence_length > 1 << 20 {
+            return Err((
+                "batch_size",
+                "times sequence_length must be at most 1048576",
+            ));
+        }
+        if self.gradient_accumulation > 4096 {
+            return Err(("gradient_accumulation", "must be at most 4096"));
+        }
         if self.peak_lr <= 0.0 || !self.peak_lr.is_finite() {
             return Err(("peak_lr", "must be positive and finite"));
+        }
+        // No useful learning rate reaches 1; a larger one only produces NaNs.
+        if self.peak_lr > 1.0 {
+            return Err(("peak_lr", "must be at most 1"));
+        }
+        if self
+            .threads
+            .is_some_and(|threads| !(1..=1024).contains(&threads))
+        {
+            return Err(("threads", "must lie in 1..=1024 when set"));
         }
         if self.min_lr.is_nan() || self.min_lr < 0.0 || self.min_lr > self.peak_lr {
             return Err(("min_lr", "must lie in [0, peak_lr]"));

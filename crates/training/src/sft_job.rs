@@ -12,7 +12,42 @@ use crate::sft::{self, Method, SftConfig, SftData, SftTrainer};
 use crate::sft_data::{self, Example};
 
 /// Dataset kinds a fine-tuning job reads.
-const KINDS: [&str; 2] = ["sft", "chat"];
+pub(crate) const KINDS: [&str; 2] = ["sft", "chat"];
+
+/// Largest conversations per step, tokens per conversation and tokens per step: far above
+/// what the presets train with, far below what would exhaust a worker's memory before the
+/// first step (a batch of 1e8 once asked a worker for terabytes).
+const MAX_BATCH_SIZE: usize = 4096;
+const MAX_LENGTH: usize = 131_072;
+const MAX_TOKENS_PER_STEP: usize = 1 << 20;
+/// No useful learning rate reaches 1; a larger one only produces NaNs.
+const MAX_LR: f64 = 1.0;
+/// Threads libtorch may be given.
+const MAX_THREADS: i32 = 1024;
+
+/// [`SftConfig::check`] plus upper bounds, as (field, what is wrong).
+pub(crate) fn check(config: &SftConfig) -> Result<(), (&'static str, &'static str)> {
+    config.check()?;
+    if config.batch_size > MAX_BATCH_SIZE {
+        return Err(("batch_size", "must be at most 4096"));
+    }
+    if config.max_length > MAX_LENGTH {
+        return Err(("max_length", "must be at most 131072"));
+    }
+    if config.batch_size * config.max_length > MAX_TOKENS_PER_STEP {
+        return Err(("batch_size", "times max_length must be at most 1048576"));
+    }
+    if config.lr > MAX_LR {
+        return Err(("lr", "must be at most 1"));
+    }
+    if config
+        .threads
+        .is_some_and(|threads| !(1..=MAX_THREADS).contains(&threads))
+    {
+        return Err(("threads", "must lie in 1..=1024 when set"));
+    }
+    Ok(())
+}
 
 fn method_of(kind: JobKind) -> Method {
     match kind {

@@ -7,29 +7,15 @@ use std::fmt;
 
 use uuid::Uuid;
 
-/// Longest model or alias name, in bytes.
-const MAX_NAME_BYTES: usize = 100;
-
 /// Why a name, kind or reference was refused; the message names the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidInput(pub String);
 
-/// Checks the shared rules of model and alias names: `[a-z0-9][a-z0-9._-]*`, at most 100
-/// bytes. `:` and `@` are left out because they separate the parts of a reference.
+/// The one naming rule, shared with the training runner so that a job's output name is
+/// refused at submission rather than here, after the job ran.
 fn check_name(what: &str, text: &str) -> Result<(), InvalidInput> {
-    let refuse = |why: &str| Err(InvalidInput(format!("{what} `{text}` {why}")));
-    if text.is_empty() || text.len() > MAX_NAME_BYTES {
-        return refuse("must be 1 to 100 characters long");
-    }
-    if !text.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-        return refuse("must start with a lowercase letter or a digit");
-    }
-    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
-    if !text.chars().all(allowed) {
-        return refuse("may contain only lowercase letters, digits, `.`, `_` and `-`");
-    }
-    Ok(())
+    ferrite_platform::names::check_name(what, text).map_err(InvalidInput)
 }
 
 /// A model's name, e.g. `smollm2-135m-instruct`.
@@ -38,13 +24,7 @@ pub struct ModelName(String);
 
 impl ModelName {
     pub fn parse(text: &str) -> Result<Self, InvalidInput> {
-        check_name("model name", text)?;
-        // A name that reads as a UUID would make the reference `<name>` ambiguous.
-        if Uuid::parse_str(text).is_ok() {
-            return Err(InvalidInput(format!(
-                "model name `{text}` reads as a version id; pick another"
-            )));
-        }
+        ferrite_platform::names::check_model_name(text).map_err(InvalidInput)?;
         Ok(Self(text.to_owned()))
     }
 

@@ -10,6 +10,7 @@ use ferrite_platform::auth::{Principal, Role};
 use ferrite_platform::peers::Peers;
 use ferrite_platform::{ApiError, Settings};
 use ferrite_proto::JobRequested;
+use ferrite_training::job::JobKind;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -214,6 +215,10 @@ async fn list_jobs(
         ),
         None => None,
     };
+    if let Some(kind) = &query.kind {
+        kind.parse::<JobKind>()
+            .map_err(|e| ApiError::invalid_request("invalid_value", e).with_param("kind"))?;
+    }
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(

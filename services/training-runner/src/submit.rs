@@ -54,6 +54,9 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SubmitError 
     }
 }
 
+/// Most GPUs one job may ask for: a single worker drives one machine.
+const MAX_GPUS: u32 = 64;
+
 /// Checks everything that needs no other service.
 pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), SubmitError> {
     let kind: JobKind = spec.kind.parse().map_err(|e: String| invalid("kind", e))?;
@@ -71,8 +74,21 @@ pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), Su
     // Checked whatever the backend: a spec must stay valid if the runner moves to Kubernetes.
     crate::kubernetes::validate_resources(&spec.resources)
         .map_err(|error| invalid(error.field, error.problem))?;
+    if spec.resources.gpus > MAX_GPUS {
+        return Err(invalid(
+            "resources.gpus",
+            format!("must be at most {MAX_GPUS}"),
+        ));
+    }
     if spec.datasets.is_empty() {
         return Err(invalid("datasets", "a job needs at least one dataset"));
+    }
+    // Capped before any is resolved: each costs a request to the dataset registry.
+    if spec.datasets.len() > job::MAX_DATASETS {
+        return Err(invalid(
+            "datasets",
+            format!("a job names at most {} datasets", job::MAX_DATASETS),
+        ));
     }
     for (index, dataset) in spec.datasets.iter().enumerate() {
         check_reference(&format!("datasets[{index}].reference"), &dataset.reference)?;
@@ -83,20 +99,10 @@ pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), Su
     Ok((kind, attempts))
 }
 
+/// The model registry's own rule: a name it would refuse must fail here, not after the job ran.
 fn check_name(name: &str) -> Result<(), SubmitError> {
-    let valid = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(invalid(
-            "output_model_name",
-            "must be 1-128 characters of letters, digits, `-`, `_` and `.`",
-        ))
-    }
+    ferrite_platform::names::check_model_name(name)
+        .map_err(|message| invalid("output_model_name", message))
 }
 
 /// A reference travels in a URL path segment; anything that would change the path is refused.
@@ -159,6 +165,12 @@ pub async fn resolve(
         }
         None => None,
     };
+    let found: Vec<_> = datasets
+        .iter()
+        .map(|dataset| (dataset.kind.as_str(), dataset.role))
+        .collect();
+    job::check_inputs(kind, base_model.is_some(), &found)
+        .map_err(|error| invalid(error.field, error.message))?;
     Ok(ResolvedJob {
         kind,
         base_model,
@@ -270,6 +282,32 @@ mod tests {
             "resources": {"cpu": "four"},
         }));
         assert_eq!(field_of(check(&spec, 3)), "resources.cpu");
+    }
+
+    #[test]
+    fn an_output_name_the_model_registry_would_refuse_is_refused() {
+        // The registry takes `[a-z0-9][a-z0-9._-]*` up to 100 bytes: upper case, a leading
+        // `_` and 101 bytes each break one clause.
+        for name in ["MyModel".to_owned(), "_x".to_owned(), "a".repeat(101)] {
+            let spec = spec(serde_json::json!({
+                "kind": "tokenizer", "datasets": [{"reference": "a"}], "output_model_name": name,
+            }));
+            assert_eq!(field_of(check(&spec, 3)), "output_model_name");
+        }
+    }
+
+    #[test]
+    fn too_many_gpus_or_datasets_are_refused_before_resolving() {
+        let gpus = spec(serde_json::json!({
+            "kind": "tokenizer", "datasets": [{"reference": "a"}], "resources": {"gpus": 100_000},
+        }));
+        assert_eq!(field_of(check(&gpus, 3)), "resources.gpus");
+        // 17 references: one over the cap of 16.
+        let many: Vec<_> = (0..17)
+            .map(|_| serde_json::json!({"reference": "a"}))
+            .collect();
+        let spec = spec(serde_json::json!({"kind": "tokenizer", "datasets": many}));
+        assert_eq!(field_of(check(&spec, 3)), "datasets");
     }
 
     #[test]

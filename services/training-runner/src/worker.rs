@@ -94,7 +94,10 @@ pub async fn run_worker(settings: Settings, job_id: Uuid, attempt: u32) -> anyho
     let result = train(&attempt, &scratch, &flags).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
-    if let Err(error) = tokio::fs::remove_dir_all(&scratch).await {
+    // An attempt refused before downloading anything never made its folder.
+    if let Err(error) = tokio::fs::remove_dir_all(&scratch).await
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
         tracing::warn!(error = %error, dir = %scratch.display(), "cannot remove the scratch folder");
     }
     record_outcome(&attempt, &flags, result).await
@@ -123,7 +126,9 @@ async fn train(
         .ok_or_else(|| (None, RunError::Permanent("the job does not exist".into())))?;
     let with_job = |error: RunError| (Some(job.clone()), error);
 
-    let inputs = prepare(attempt, &job, scratch)
+    // A device that cannot be loaded now will not load on the next attempt either.
+    let device = device(&job).map_err(|e| with_job(RunError::Permanent(format!("{e:#}"))))?;
+    let inputs = prepare(attempt, &job, scratch, device)
         .await
         .map_err(|e| with_job(retryable(e)))?;
     let kind = job.kind;
@@ -164,6 +169,7 @@ async fn prepare(
     attempt: &Attempt,
     job: &ResolvedJob,
     scratch: &Path,
+    device: tch::Device,
 ) -> anyhow::Result<JobInputs> {
     if tokio::fs::try_exists(scratch).await? {
         tokio::fs::remove_dir_all(scratch).await?;
@@ -218,7 +224,7 @@ async fn prepare(
         output_dir,
         checkpoint_dir,
         resume_from,
-        device: device(job)?,
+        device,
     })
 }
 

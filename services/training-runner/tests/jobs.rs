@@ -178,6 +178,9 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
     let app = spawn_runner(&[]).await;
     corpus(&app).await;
     app.registries.add_model("tok:1", "models/nowhere/");
+    app.registries
+        .add_dataset("chats", "chat", "jsonl", "datasets/corpus-sample");
+    let many: Vec<_> = (0..17).map(|_| json!({"reference": "corpus"})).collect();
     let cases = [
         (
             json!({"kind": "distill", "datasets": [{"reference": "corpus"}]}),
@@ -233,6 +236,79 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
             "epochs",
             "invalid_value",
         ),
+        // The model registry refuses upper case; the runner must refuse it first.
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}],
+                   "output_model_name": "MyModel"}),
+            "output_model_name",
+            "invalid_value",
+        ),
+        // 101 bytes: one over the registry's limit of 100.
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}],
+                   "output_model_name": "a".repeat(101)}),
+            "output_model_name",
+            "invalid_value",
+        ),
+        // Pretraining loads its tokenizer from the base model.
+        (
+            json!({"kind": "pretrain", "datasets": [{"reference": "corpus"}]}),
+            "base_model",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "sft", "datasets": [{"reference": "chats"}]}),
+            "base_model",
+            "invalid_value",
+        ),
+        // A tokenizer reads `text`; `chat` is the second dataset's kind.
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "chats"}]}),
+            "datasets[0]",
+            "invalid_value",
+        ),
+        // Fine-tuning reads `sft` or `chat`, not `text`.
+        (
+            json!({"kind": "lora", "base_model": "tok:1", "datasets": [{"reference": "corpus"}]}),
+            "datasets[0]",
+            "invalid_value",
+        ),
+        // Exactly one train dataset: the second is the one too many.
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}, {"reference": "corpus"}]}),
+            "datasets[1]",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "sft", "base_model": "tok:1",
+                   "datasets": [{"reference": "chats", "role": "eval"}]}),
+            "datasets",
+            "invalid_value",
+        ),
+        // 17 references, one over the cap of 16, refused before any is resolved.
+        (
+            json!({"kind": "tokenizer", "datasets": many}),
+            "datasets",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "hyper_parameters": []}),
+            "hyper_parameters",
+            "invalid_value",
+        ),
+        // 1e9 windows per step once made a worker allocate a terabyte; the cap is 4096.
+        (
+            json!({"kind": "pretrain", "base_model": "tok:1", "datasets": [{"reference": "corpus"}],
+                   "hyper_parameters": {"batch_size": 1_000_000_000u64}}),
+            "hyper_parameters.batch_size",
+            "invalid_value",
+        ),
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}],
+                   "resources": {"gpus": 100_000}}),
+            "resources.gpus",
+            "invalid_value",
+        ),
     ];
     for (spec, field, code) in cases {
         let (status, body) = app.call(Method::POST, "/v1/jobs", Some(spec.clone())).await;
@@ -263,6 +339,10 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
         .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "job_not_found");
+    // Like `state`, an unknown `kind` filter is a mistake, not an empty list.
+    let (status, body) = app.call(Method::GET, "/v1/jobs?kind=bogus", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "kind", "{body}");
     let unauthenticated = app
         .app
         .client
@@ -441,13 +521,12 @@ async fn failing_attempts_are_retried_up_to_the_limit_and_bad_inputs_fail_at_onc
         "the error names the missing object: {job}"
     );
 
-    // A text corpus where a pretraining run needs one is fine, but a tokenizer job over an
-    // `sft` dataset can never work: one attempt, failed, no retry.
+    // A GPU this machine cannot load will not load on a second attempt either: one attempt,
+    // failed, no retry (the local backend's workers have no CUDA here).
     corpus(&app).await;
-    app.registries
-        .add_dataset("wrong-kind", "sft", "jsonl", "datasets/corpus-sample");
     let mut spec = tokenizer_spec();
-    spec["datasets"] = json!([{"reference": "wrong-kind"}]);
+    spec["resources"] = json!({"gpus": 1});
+    spec["max_attempts"] = json!(3);
     let wrong = app.submit(spec).await;
     let job = app.wait_final(&wrong, PATIENCE).await;
     assert_eq!(job["state"], "failed", "{job}");
