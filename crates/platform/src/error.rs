@@ -189,12 +189,7 @@ pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
                     "body_too_large",
                     format!("the body is {length} bytes; the limit is {limit}"),
                 ),
-                JsonPayloadError::Overflow { limit } => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    "body_too_large",
-                    format!("the body exceeds the limit of {limit} bytes"),
-                ),
+                JsonPayloadError::Overflow { limit } => too_large(*limit),
                 JsonPayloadError::ContentType => ApiError::invalid_request(
                     "invalid_content_type",
                     "the body must be JSON with `Content-Type: application/json`",
@@ -242,6 +237,60 @@ fn field_in_message(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
     Some(message[start..end].to_owned())
+}
+
+/// The 413 every service answers for a body over the configured limit.
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "body_too_large",
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+}
+
+/// Raw body (`Bytes`, `String`) extractor settings: the same limit as JSON bodies, instead of
+/// actix's 256 KiB default.
+pub fn payload_config(limit_bytes: usize) -> actix_web::web::PayloadConfig {
+    actix_web::web::PayloadConfig::new(limit_bytes)
+}
+
+/// A raw body extractor's failure in the standard shape. `PayloadConfig` takes no error
+/// handler, so a handler that reads `Result<Bytes, actix_web::Error>` passes the error here.
+pub fn payload_error(error: &actix_web::Error, limit_bytes: usize) -> ApiError {
+    let status = error.as_response_error().status_code();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(limit_bytes)
+    } else {
+        ApiError::new(
+            status,
+            "invalid_request_error",
+            "invalid_body",
+            format!("cannot read the body: {error}"),
+        )
+    }
+}
+
+/// Query-string extractor settings: a bad or repeated parameter is a 400 in the usual shape,
+/// naming the parameter when serde names it (missing, unknown, duplicate); a value that does
+/// not parse (`limit=abc`) comes with serde's sentence only, as serde_urlencoded does not say
+/// which parameter held it.
+pub fn query_config() -> actix_web::web::QueryConfig {
+    actix_web::web::QueryConfig::default().error_handler(|err, _req| query_error(&err).into())
+}
+
+fn query_error(err: &actix_web::error::QueryPayloadError) -> ApiError {
+    let message = match err {
+        actix_web::error::QueryPayloadError::Deserialize(e) => e.to_string(),
+        other => other.to_string(),
+    };
+    let param = field_in_message(&message);
+    let error =
+        ApiError::invalid_request("invalid_query", format!("invalid query string: {message}"));
+    match param {
+        Some(param) => error.with_param(param),
+        None => error,
+    }
 }
 
 /// Path extractor settings: an unparsable path segment (a bad id) is a 400 in the usual shape.
@@ -293,6 +342,40 @@ mod tests {
             body_error(&err).body().param,
             None,
             "`root` is the value, not a field"
+        );
+    }
+
+    #[test]
+    fn a_repeated_query_parameter_is_named() {
+        #[derive(Debug, serde::Deserialize)]
+        #[expect(dead_code, reason = "only deserialised")]
+        struct Query {
+            kind: String,
+        }
+        // serde_urlencoded reports a repeated key as serde's "duplicate field `kind`".
+        let err =
+            actix_web::web::Query::<Query>::from_query("kind=a&kind=b").expect_err("duplicate");
+        let error = query_error(&err);
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(error.body().param.as_deref(), Some("kind"));
+        assert_eq!(error.body().code.as_deref(), Some("invalid_query"));
+    }
+
+    #[test]
+    fn an_unparsable_query_value_is_a_400_without_a_guessed_param() {
+        #[derive(Debug, serde::Deserialize)]
+        #[expect(dead_code, reason = "only deserialised")]
+        struct Query {
+            limit: u32,
+        }
+        let err =
+            actix_web::web::Query::<Query>::from_query("limit=abc").expect_err("not a number");
+        let error = query_error(&err);
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            error.body().param,
+            None,
+            "serde_urlencoded does not name it"
         );
     }
 

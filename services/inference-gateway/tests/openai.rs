@@ -33,6 +33,21 @@ fn reassemble(events: &[Value], chat: bool) -> (Vec<String>, Vec<Vec<Value>>) {
     (texts, reasons)
 }
 
+/// POSTs `raw` bytes as a JSON body to `/v1/completions`; the status and the error body.
+async fn post_raw(gateway: &TestGateway, raw: String) -> (reqwest::StatusCode, Value) {
+    let response = gateway
+        .client
+        .post(gateway.url("/v1/completions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status();
+    (status, response.json().await.expect("an error body"))
+}
+
 async fn stream(gateway: &TestGateway, path: &str, body: &Value) -> Vec<Value> {
     let (status, headers, text) = gateway
         .send(Method::POST, path, ADMIN_TOKEN, Some(body))
@@ -286,24 +301,32 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
     }
 
     // 300 bytes are 300 tokens (no merges), one more with BOS; the tiny preset's context is 256.
-    let long = "x".repeat(300);
-    let expected_length = chain_tokenizer()
-        .encode(&long, true)
-        .expect("encodes")
-        .len();
-    let (status, body) = gateway
-        .post(
-            "/v1/completions",
-            ADMIN_TOKEN,
-            &completion(json!({"prompt": long})),
-        )
-        .await;
-    assert_eq!(status, 400);
-    let message = body["error"]["message"].as_str().expect("a message");
-    assert!(
-        message.contains("256") && message.contains(&expected_length.to_string()),
-        "{message}"
-    );
+    // 300 KiB is also over actix's 256 KiB raw-body default but under the configured 16 MiB
+    // limit (the test settings keep the default), so it reaches the context check, not a 413.
+    for bytes in [300, 300 * 1024] {
+        let long = "x".repeat(bytes);
+        let expected_length = chain_tokenizer()
+            .encode(&long, true)
+            .expect("encodes")
+            .len();
+        let (status, body) = gateway
+            .post(
+                "/v1/completions",
+                ADMIN_TOKEN,
+                &completion(json!({"prompt": long})),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), &body["error"]["code"]),
+            (400, &json!("context_length_exceeded")),
+            "{bytes} bytes"
+        );
+        let message = body["error"]["message"].as_str().expect("a message");
+        assert!(
+            message.contains("256") && message.contains(&expected_length.to_string()),
+            "{message}"
+        );
+    }
 
     let (status, body) = gateway
         .post(
@@ -329,19 +352,48 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
     );
 
     for raw in ["{\"model\": ", "[1, 2]", "\"text\""] {
-        let response = gateway
-            .client
-            .post(gateway.url("/v1/completions"))
-            .bearer_auth(ADMIN_TOKEN)
-            .header("content-type", "application/json")
-            .body(raw)
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(response.status(), 400, "{raw}");
-        let body: Value = response.json().await.expect("an error body");
+        let (status, body) = post_raw(&gateway, raw.to_owned()).await;
+        assert_eq!(status, 400, "{raw}");
         assert_eq!(body["error"]["type"], "invalid_request_error");
     }
+
+    // u64::MAX tokens asked: the prompt plus it overflowed usize and panicked the worker; it
+    // must be the 400 naming the field, for both spellings of the field.
+    for (path, field) in [
+        ("/v1/completions", "max_tokens"),
+        ("/v1/chat/completions", "max_completion_tokens"),
+    ] {
+        let mut request = json!({"model": MODEL, "prompt": "the cat",
+            "messages": [{"role": "user", "content": "the cat"}]});
+        request[field] = json!(u64::MAX);
+        let (status, body) = gateway.post(path, ADMIN_TOKEN, &request).await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{field}");
+        assert_eq!(body["error"]["param"], field);
+    }
+
+    // A prompt of 16 MiB alone puts the body past the 16,777,216-byte limit: a 413 in the
+    // OpenAI shape, not actix's text.
+    let oversized = format!(
+        "{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}",
+        "x".repeat(16 << 20)
+    );
+    let (status, body) = post_raw(&gateway, oversized).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "body_too_large");
+
+    // A query string that does not parse is the shaped 400, not actix's text/plain.
+    let (status, _, text) = gateway
+        .send(
+            reqwest::Method::GET,
+            "/v1/deployments?version_id=garbage",
+            ADMIN_TOKEN,
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("a JSON error");
+    assert_eq!(body["error"]["code"], "invalid_query");
 
     let (status, body) = gateway
         .post(

@@ -29,6 +29,11 @@ pub enum RegistryError {
     ModelExists(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error(
+        "the upload's Content-Encoding `{0}` is not supported; send the tar archive \
+         uncompressed (identity)"
+    )]
+    UnsupportedEncoding(String),
     #[error("the upload is larger than {limit_bytes} bytes")]
     TooLarge { limit_bytes: u64 },
     #[error("database query failed")]
@@ -89,6 +94,13 @@ impl From<RegistryError> for ApiError {
                 "body_too_large",
                 error.to_string(),
             ),
+            error @ RegistryError::UnsupportedEncoding(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_encoding",
+                error.to_string(),
+            )
+            .with_param("Content-Encoding"),
             RegistryError::Database(error) => error.into(),
             error @ (RegistryError::Storage(_)
             | RegistryError::Outbox(_)

@@ -276,6 +276,27 @@ async fn a_corrupt_upload_is_refused_naming_the_file_and_leaves_nothing() {
         .upload("smol", "kind=adapter", tar_of(&tiny_model_folder()))
         .await;
     assert_eq!(status, 400, "an adapter needs its config: {body}");
+    // A valid archive labelled gzip was read as raw tar and called corrupt; the label is what
+    // the server cannot honour, so it is a 415 naming the encoding.
+    let response = registry
+        .client
+        .post(registry.url("/v1/registry/models/smol/uploads"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/x-tar")
+        .header("content-encoding", "gzip")
+        .body(tar_of(&tiny_model_folder()))
+        .send()
+        .await
+        .expect("the registry answers");
+    assert_eq!(response.status(), 415);
+    let body: serde_json::Value = response.json().await.expect("an error body");
+    assert_eq!(body["error"]["code"], "unsupported_encoding");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("gzip")),
+        "{body}"
+    );
 
     assert_eq!(
         registry.s3.files(),

@@ -34,7 +34,8 @@ pub enum RequestError {
         limit: usize,
         prompt: usize,
         completion: usize,
-        total: usize,
+        /// Wide enough that a client's `max_tokens` near `usize::MAX` cannot overflow it.
+        total: u128,
     },
     #[error("the model `{0}` has no chat template")]
     NoChatTemplate(String),
@@ -131,27 +132,26 @@ impl Body {
         }
     }
 
+    /// Which of `max_completion_tokens` and `max_tokens` the client set (the first wins).
+    fn max_tokens_param(&self) -> Option<&'static str> {
+        ["max_completion_tokens", "max_tokens"]
+            .into_iter()
+            .find(|param| self.0.get(*param).is_some_and(|value| !value.is_null()))
+    }
+
     /// `max_tokens` (or chat's newer `max_completion_tokens`): a whole number of at least 1.
     fn max_tokens(&self) -> Result<Option<usize>, RequestError> {
-        for param in ["max_completion_tokens", "max_tokens"] {
-            if let Some(value) = self.0.get(param).filter(|value| !value.is_null()) {
-                let param = if param == "max_tokens" {
-                    "max_tokens"
-                } else {
-                    "max_completion_tokens"
-                };
-                return match value.as_u64() {
-                    Some(count) if count >= 1 => {
-                        Ok(Some(usize::try_from(count).unwrap_or(usize::MAX)))
-                    }
-                    _ => Err(invalid(
-                        param,
-                        format!("`{param}` must be an integer of at least 1, got {value}"),
-                    )),
-                };
-            }
+        let Some(param) = self.max_tokens_param() else {
+            return Ok(None);
+        };
+        let value = self.0.get(param).unwrap_or(&Value::Null);
+        match value.as_u64() {
+            Some(count) if count >= 1 => Ok(Some(usize::try_from(count).unwrap_or(usize::MAX))),
+            _ => Err(invalid(
+                param,
+                format!("`{param}` must be an integer of at least 1, got {value}"),
+            )),
         }
-        Ok(None)
     }
 
     /// The completion endpoint's prompt: a string, or a list holding one string.
@@ -213,13 +213,20 @@ impl Body {
             (None, LogprobsFormat::Chat) => limit.saturating_sub(prompt_tokens).max(1),
             (None, _) => 16,
         };
-        if prompt_tokens + max_tokens > limit {
+        // `max_tokens` comes from the client and may be near usize::MAX, so the sum is taken
+        // in u128; a completion longer than the whole context is blamed on the field asking it.
+        let total = prompt_tokens as u128 + max_tokens as u128;
+        if total > limit as u128 {
+            let param = match self.max_tokens_param() {
+                Some(param) if max_tokens > limit => param,
+                _ => prompt_param,
+            };
             return Err(RequestError::ContextLength {
-                param: prompt_param,
+                param,
                 limit,
                 prompt: prompt_tokens,
                 completion: max_tokens,
-                total: prompt_tokens + max_tokens,
+                total,
             });
         }
 
@@ -237,10 +244,9 @@ impl Body {
         };
         self.get::<String>("user", "a string")?;
         let n = self.n()?;
-        let seed = match self.get::<i64>("seed", "an integer")? {
-            Some(seed) => seed as u64,
-            None => uuid::Uuid::new_v4().as_u64_pair().0,
-        };
+        let seed = self
+            .seed()?
+            .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
         // Choice i draws from seed + i: distinct choices, and the same seed repeats them all.
         Ok((0..n)
             .map(|index| SamplingParams {
@@ -248,6 +254,24 @@ impl Body {
                 ..base.clone()
             })
             .collect())
+    }
+
+    /// `seed`: any integer a client may send, signed (OpenAI's int64) or up to u64::MAX; a
+    /// negative seed is reinterpreted as its two's-complement bits, which is still one fixed seed.
+    fn seed(&self) -> Result<Option<u64>, RequestError> {
+        match self.0.get("seed") {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .or_else(|| value.as_i64().map(|seed| seed as u64))
+                .map(Some)
+                .ok_or_else(|| {
+                    invalid(
+                        "seed",
+                        format!("`seed` must be an integer from -2^63 to 2^64-1, got {value}"),
+                    )
+                }),
+        }
     }
 
     fn bounded(
@@ -446,6 +470,37 @@ mod tests {
         );
         let messages = body.messages().expect("valid");
         assert_eq!(messages, [ChatMessage::new(Role::User, "hi there")]);
+    }
+
+    #[test]
+    fn a_seed_is_any_signed_or_unsigned_64_bit_integer() {
+        // u64::MAX is above i64::MAX yet a valid seed; -1 keeps its bits, which are u64::MAX.
+        assert_eq!(
+            body(r#"{"seed": 18446744073709551615}"#).seed().ok(),
+            Some(Some(u64::MAX))
+        );
+        assert_eq!(body(r#"{"seed": -1}"#).seed().ok(), Some(Some(u64::MAX)));
+        assert_eq!(body(r#"{"seed": 7}"#).seed().ok(), Some(Some(7)));
+        for value in ["1.5", "18446744073709551616", "\"x\""] {
+            let body = body(&format!(r#"{{"seed": {value}}}"#));
+            assert_eq!(refused_param(body.seed()), "seed", "{value}");
+        }
+    }
+
+    #[test]
+    fn empty_message_content_is_accepted_as_openai_accepts_it() {
+        let body = body(
+            r#"{"messages": [{"role": "user", "content": ""},
+            {"role": "user", "content": []}]}"#,
+        );
+        let messages = body.messages().expect("valid");
+        assert_eq!(
+            messages,
+            [
+                ChatMessage::new(Role::User, ""),
+                ChatMessage::new(Role::User, "")
+            ]
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use ferrite_model::tokenizer::TokenizerError;
 use ferrite_platform::ApiError;
 use ferrite_platform::auth::Principal;
+use ferrite_platform::error::payload_error;
 use serde_json::json;
 
 use crate::Gateway;
@@ -70,13 +71,15 @@ fn model_object(deployment: &Deployment) -> serde_json::Value {
     request_body(content = Object, description = "OpenAI completion request"),
     responses((status = 200, description = "a completion, or an event stream of chunks"),
         (status = 400, body = ferrite_platform::error::ErrorEnvelope),
-        (status = 404, body = ferrite_platform::error::ErrorEnvelope)),
+        (status = 404, body = ferrite_platform::error::ErrorEnvelope),
+        (status = 413, body = ferrite_platform::error::ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn completions(
     _principal: Principal,
     gateway: web::Data<Gateway>,
-    body: Bytes,
+    body: Result<Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.map_err(|error| payload_error(&error, gateway.body_limit))?;
     serve(&gateway, &body, Endpoint::Completion).await
 }
 
@@ -85,13 +88,15 @@ pub async fn completions(
     request_body(content = Object, description = "OpenAI chat completion request"),
     responses((status = 200, description = "a chat completion, or an event stream of chunks"),
         (status = 400, body = ferrite_platform::error::ErrorEnvelope),
-        (status = 404, body = ferrite_platform::error::ErrorEnvelope)),
+        (status = 404, body = ferrite_platform::error::ErrorEnvelope),
+        (status = 413, body = ferrite_platform::error::ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn chat_completions(
     _principal: Principal,
     gateway: web::Data<Gateway>,
-    body: Bytes,
+    body: Result<Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.map_err(|error| payload_error(&error, gateway.body_limit))?;
     serve(&gateway, &body, Endpoint::Chat).await
 }
 

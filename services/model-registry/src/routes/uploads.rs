@@ -5,7 +5,7 @@
 //! `models/<name>/<uuid>/` and the version is registered. A failure at any step deletes what
 //! was stored, so a refused or broken upload leaves nothing in storage or the database.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use ferrite_platform::ApiError;
 use ferrite_platform::auth::Principal;
 use ferrite_platform::storage::ObjectKey;
@@ -66,16 +66,18 @@ impl UploadQuery {
     params(UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/x-tar"),
     responses((status = 201, body = store::ModelVersion), (status = 400), (status = 404),
-        (status = 413)))]
+        (status = 413), (status = 415)))]
 #[tracing::instrument(skip_all, fields(model.name = %name, upload.size_bytes))]
 pub async fn upload(
     principal: Principal,
     state: web::Data<RegistryState>,
     name: web::Path<String>,
     query: web::Query<UploadQuery>,
+    request: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     require_engineer(&principal)?;
+    identity_encoding(&request)?;
     let name = parse_model_name(&name)?;
     let kind = match &query.kind {
         Some(kind) => VersionKind::parse(kind).map_err(|e| RegistryError::invalid("kind", e))?,
@@ -102,6 +104,23 @@ pub async fn upload(
             artifacts::delete_prefix(&state.storage, &prefix).await;
             Err(error.into())
         }
+    }
+}
+
+/// `web::Payload` hands over the bytes as sent: a compressed archive would reach the tar reader
+/// still compressed and be called corrupt, so any encoding but identity is refused up front.
+fn identity_encoding(request: &HttpRequest) -> Result<(), RegistryError> {
+    let Some(value) = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_ENCODING)
+    else {
+        return Ok(());
+    };
+    let encoding = String::from_utf8_lossy(value.as_bytes()).trim().to_owned();
+    if encoding.is_empty() || encoding.eq_ignore_ascii_case("identity") {
+        Ok(())
+    } else {
+        Err(RegistryError::UnsupportedEncoding(encoding))
     }
 }
 
