@@ -81,8 +81,8 @@ impl RegistryError {
             RegistryError::Ingest(IngestError::Invalid(report)) => {
                 let first = report.problems.first();
                 let error = ApiError::invalid_request("invalid_rows", invalid_message(report));
-                match first.and_then(|p| p.line) {
-                    Some(line) => error.with_param(format!("line {line}")),
+                match first.and_then(place) {
+                    Some(place) => error.with_param(place),
                     None => error,
                 }
             }
@@ -129,13 +129,23 @@ impl From<ApiError> for RegistryError {
     }
 }
 
+/// `record 3 (line 1)` for a JSON array element, `line 4` for a line.
+fn place(problem: &crate::scan::Problem) -> Option<String> {
+    match (problem.record, problem.line) {
+        (Some(record), Some(line)) => Some(format!("record {record} (line {line})")),
+        (Some(record), None) => Some(format!("record {record}")),
+        (None, Some(line)) => Some(format!("line {line}")),
+        (None, None) => None,
+    }
+}
+
 fn invalid_message(report: &Report) -> String {
     let first = report
         .problems
         .first()
-        .map(|p| match (&p.line, &p.field) {
-            (Some(line), Some(field)) => format!("line {line}, field `{field}`: {}", p.message),
-            (Some(line), None) => format!("line {line}: {}", p.message),
+        .map(|p| match (place(p), &p.field) {
+            (Some(place), Some(field)) => format!("{place}, field `{field}`: {}", p.message),
+            (Some(place), None) => format!("{place}: {}", p.message),
             (None, _) => p.message.clone(),
         })
         .unwrap_or_default();

@@ -12,6 +12,9 @@ use crate::domain::DataFormat;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Problem {
     pub line: Option<u64>,
+    /// The element of a JSON array, counted from 1; absent for lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<u64>,
     pub field: Option<String>,
     pub message: String,
 }
@@ -20,6 +23,7 @@ impl Problem {
     pub fn at(line: u64, message: impl Into<String>) -> Self {
         Self {
             line: Some(line),
+            record: None,
             field: None,
             message: message.into(),
         }
@@ -30,6 +34,11 @@ impl Problem {
 pub trait RecordSink {
     /// A record's bytes (valid UTF-8) and the line it starts on, counted from 1.
     fn record(&mut self, line: u64, bytes: &[u8]);
+    /// Element `index` (counted from 1) of a JSON array; a record like any other by default.
+    fn element(&mut self, index: u64, line: u64, bytes: &[u8]) {
+        let _ = index;
+        self.record(line, bytes);
+    }
     fn problem(&mut self, problem: Problem);
 }
 
@@ -172,6 +181,8 @@ struct ArrayScanner {
     escaped: bool,
     element: Vec<u8>,
     start_line: u64,
+    /// Elements completed so far.
+    elements: u64,
     max_element_bytes: usize,
 }
 
@@ -184,6 +195,7 @@ impl ArrayScanner {
             escaped: false,
             element: Vec::new(),
             start_line: 0,
+            elements: 0,
             max_element_bytes,
         }
     }
@@ -278,7 +290,8 @@ impl ArrayScanner {
     }
 
     fn complete(&mut self, sink: &mut impl RecordSink) {
-        sink.record(self.start_line, &self.element);
+        self.elements += 1;
+        sink.element(self.elements, self.start_line, &self.element);
         self.element.clear();
         self.depth = 0;
         self.state = ArrayState::AfterElement;

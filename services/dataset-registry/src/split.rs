@@ -37,18 +37,50 @@ pub struct SplitResult {
     pub eval: DatasetVersion,
 }
 
-/// Which rows go to eval: exactly `eval_rows` of `rows`, chosen by `seed`.
-pub fn eval_rows(rows: u64, eval_rows: u64, seed: u64) -> Vec<bool> {
-    let mut keys: Vec<(u64, u64)> = (0..rows).map(|i| (row_key(seed, i), i)).collect();
-    keys.sort_unstable();
-    let mut chosen = vec![false; usize::try_from(rows).unwrap_or(usize::MAX)];
-    for (_, i) in keys
-        .into_iter()
-        .take(usize::try_from(eval_rows).unwrap_or(usize::MAX))
-    {
-        chosen[i as usize] = true;
+/// Which rows go to eval: exactly `eval_rows` of `rows`, those with the smallest
+/// `(key, row)` pairs, told apart from the rest by the largest chosen pair.
+///
+/// Finding that pair keeps no per-row state: a first pass counts keys by their top 16 bits, a
+/// second collects only the keys in the bucket where the cut falls (about `rows / 65536`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalCut {
+    seed: u64,
+    last: (u64, u64),
+}
+
+const CUT_BUCKET_SHIFT: u32 = 48;
+
+impl EvalCut {
+    /// `None` when `eval_rows` is 0 or more than `rows`.
+    pub fn new(rows: u64, eval_rows: u64, seed: u64) -> Option<Self> {
+        if eval_rows == 0 || eval_rows > rows {
+            return None;
+        }
+        let mut counts = vec![0u64; 1 << (64 - CUT_BUCKET_SHIFT)];
+        for row in 0..rows {
+            counts[(row_key(seed, row) >> CUT_BUCKET_SHIFT) as usize] += 1;
+        }
+        let mut below = 0u64;
+        let mut bucket = 0u64;
+        for (index, count) in counts.iter().enumerate() {
+            if below + count >= eval_rows {
+                bucket = index as u64;
+                break;
+            }
+            below += count;
+        }
+        let mut inside: Vec<(u64, u64)> = (0..rows)
+            .map(|row| (row_key(seed, row), row))
+            .filter(|(key, _)| key >> CUT_BUCKET_SHIFT == bucket)
+            .collect();
+        inside.sort_unstable();
+        let last = *inside.get(usize::try_from(eval_rows - below - 1).ok()?)?;
+        Some(Self { seed, last })
     }
-    chosen
+
+    pub fn is_eval(&self, row: u64) -> bool {
+        (row_key(self.seed, row), row) <= self.last
+    }
 }
 
 fn row_key(seed: u64, row: u64) -> u64 {
@@ -97,13 +129,16 @@ pub async fn split(
             .as_deref()
             .unwrap_or(&format!("{}-eval", source.dataset_name)),
     )?;
-    let chosen = std::sync::Arc::new(eval_rows(rows, eval_count, request.seed));
+    check_part_names(&source.dataset_name, &train_name, &eval_name)?;
+    let cut = EvalCut::new(rows, eval_count, request.seed).ok_or_else(|| {
+        invalid(
+            "eval_fraction",
+            format!("{eval_count} eval rows cannot be chosen from {rows}"),
+        )
+    })?;
     let mut parts = Vec::new();
     for (name, eval) in [(train_name, false), (eval_name, true)] {
-        let part = Part {
-            chosen: chosen.clone(),
-            eval,
-        };
+        let part = Part { cut, eval };
         parts.push(write_part(state, source, request, requested_by, &name, part).await?);
     }
     let eval = parts.pop();
@@ -117,10 +152,35 @@ pub async fn split(
     }
 }
 
+/// The two parts need datasets of their own: writing both into one, or into the source,
+/// would make that dataset's latest version one half and hide the other.
+fn check_part_names(
+    source: &str,
+    train: &DatasetName,
+    eval: &DatasetName,
+) -> Result<(), RegistryError> {
+    let invalid = |field, message: String| Err(RegistryError::Invalid { field, message });
+    for (field, name) in [("train_name", train), ("eval_name", eval)] {
+        if name.as_str() == source {
+            return invalid(
+                field,
+                format!("{field} `{name}` is the dataset being split; name another dataset"),
+            );
+        }
+    }
+    if train == eval {
+        return invalid(
+            "eval_name",
+            format!("eval_name `{eval}` is also train_name; the parts need two datasets"),
+        );
+    }
+    Ok(())
+}
+
 /// One side of a split.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Part {
-    chosen: std::sync::Arc<Vec<bool>>,
+    cut: EvalCut,
     eval: bool,
 }
 
@@ -198,7 +258,7 @@ fn part_stream(
 
 struct Selector {
     part: Part,
-    row: usize,
+    row: u64,
     json: bool,
     out: Vec<u8>,
 }
@@ -207,7 +267,7 @@ impl RecordSink for Selector {
     fn record(&mut self, _line: u64, bytes: &[u8]) {
         let row = self.row;
         self.row += 1;
-        if self.part.chosen.get(row).copied().unwrap_or(false) != self.part.eval {
+        if self.part.cut.is_eval(row) != self.part.eval {
             return;
         }
         let compact = self
@@ -229,15 +289,49 @@ impl RecordSink for Selector {
 mod tests {
     use super::*;
 
+    /// The reference: sort every `(key, row)` pair and take the first `eval_rows`.
+    fn chosen_by_sorting(rows: u64, eval_rows: u64, seed: u64) -> Vec<bool> {
+        let mut keys: Vec<(u64, u64)> = (0..rows).map(|i| (row_key(seed, i), i)).collect();
+        keys.sort_unstable();
+        let mut chosen = vec![false; rows as usize];
+        for (_, i) in keys.into_iter().take(eval_rows as usize) {
+            chosen[i as usize] = true;
+        }
+        chosen
+    }
+
+    fn chosen_by_cut(rows: u64, eval_rows: u64, seed: u64) -> Vec<bool> {
+        let cut = EvalCut::new(rows, eval_rows, seed).expect("a cut");
+        (0..rows).map(|row| cut.is_eval(row)).collect()
+    }
+
     #[test]
     fn a_seed_picks_exactly_the_asked_number_of_rows_and_the_same_ones_again() {
-        let first = eval_rows(1000, 100, 7);
+        let first = chosen_by_cut(1000, 100, 7);
         assert_eq!(first.iter().filter(|e| **e).count(), 100);
-        assert_eq!(first, eval_rows(1000, 100, 7));
+        assert_eq!(first, chosen_by_cut(1000, 100, 7));
         assert_ne!(
             first,
-            eval_rows(1000, 100, 8),
+            chosen_by_cut(1000, 100, 8),
             "another seed, another choice"
         );
+    }
+
+    #[test]
+    fn the_cut_chooses_the_rows_a_full_sort_chooses() {
+        // The cut replaced sorting all keys; splits made before must stay the same.
+        for (rows, eval, seed) in [(1000, 100, 7), (10, 1, 3), (10, 9, 3), (5000, 2500, 42)] {
+            assert_eq!(
+                chosen_by_cut(rows, eval, seed),
+                chosen_by_sorting(rows, eval, seed),
+                "{rows} rows, {eval} eval, seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_cut_for_an_empty_or_overfull_side() {
+        assert_eq!(EvalCut::new(10, 0, 1), None);
+        assert_eq!(EvalCut::new(10, 11, 1), None);
     }
 }

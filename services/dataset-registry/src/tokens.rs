@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::content;
 use crate::domain::DatasetKind;
-use crate::domain::stats::LengthStats;
+use crate::domain::stats::LengthHistogram;
 use crate::error::RegistryError;
 use crate::routes::State;
 use crate::scan::{Problem, RecordSink};
@@ -52,17 +52,21 @@ pub async fn count(
         kind: content.kind,
         batch: Vec::new(),
     };
-    let mut counts = Vec::new();
+    let mut counts = LengthHistogram::new();
     while let Some(chunk) = content.chunks.next().await {
         content.scanner.push(&chunk?, &mut rows);
         if rows.batch.len() >= BATCH_ROWS {
-            counts.extend(tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await?);
+            for count in tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await? {
+                counts.add(count);
+            }
         }
     }
     content.scanner.finish(&mut rows);
-    counts.extend(tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await?);
+    for count in tokenize(&tokenizer, std::mem::take(&mut rows.batch)).await? {
+        counts.add(count);
+    }
 
-    let stats = LengthStats::from_lengths(&mut counts);
+    let stats = counts.stats();
     let stats = serde_json::to_value(stats).map_err(|e| RegistryError::Internal {
         context: "cannot encode token statistics",
         source: Box::new(e),

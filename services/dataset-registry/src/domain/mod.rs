@@ -65,13 +65,22 @@ impl fmt::Display for DatasetName {
     }
 }
 
-/// An alias such as `champion` or `eval-2024`; same alphabet as dataset names, 64 characters.
+/// An alias such as `champion` or `eval-2024`: the model registry's rule
+/// (`ferrite_platform::names::check_name`, lowercase), and not all digits, which would read
+/// as a version number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct AliasName(String);
 
 impl AliasName {
     pub fn parse(alias: &str) -> Result<Self, ParseError> {
-        parse_identifier(alias, "alias", 64)?;
+        ferrite_platform::names::check_name("alias", alias)
+            .map_err(|message| ParseError::new("alias", message))?;
+        if alias.chars().all(|c| c.is_ascii_digit()) {
+            return Err(ParseError::new(
+                "alias",
+                format!("alias `{alias}` is a number; aliases need a letter"),
+            ));
+        }
         Ok(Self(alias.to_owned()))
     }
 

@@ -1,8 +1,10 @@
 //! Datasets: upload a version, list and show datasets, move aliases.
 
+use actix_web::error::PayloadError;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use ferrite_platform::auth::{Principal, Role};
+use futures::StreamExt;
 use serde::Deserialize;
 
 use super::State;
@@ -57,10 +59,11 @@ pub async fn upload(
         None if kind == DatasetKind::Text => Some(DataFormat::Text),
         None => None,
     };
-    check_encoding(&request)?;
+    let gzip = check_encoding(&request)?;
     check_declared_length(&request, state.limits.max_upload_bytes)?;
 
-    let body = actix_web::dev::Decompress::from_headers(payload.into_inner(), request.headers());
+    let body = actix_web::dev::Decompress::from_headers(payload.into_inner(), request.headers())
+        .map(move |chunk| chunk.map_err(|e| body_error(e, gzip)));
     let spec = IngestSpec {
         kind,
         format,
@@ -91,14 +94,28 @@ pub async fn upload(
 }
 
 /// Only plain and gzip bodies: anything else would be validated as if it were plain.
-fn check_encoding(request: &HttpRequest) -> Result<(), RegistryError> {
+/// True for gzip.
+fn check_encoding(request: &HttpRequest) -> Result<bool, RegistryError> {
     let Some(encoding) = request.headers().get(header::CONTENT_ENCODING) else {
-        return Ok(());
+        return Ok(false);
     };
     let encoding = encoding.to_str().unwrap_or("").trim().to_ascii_lowercase();
     match encoding.as_str() {
-        "gzip" | "x-gzip" | "identity" => Ok(()),
+        "gzip" | "x-gzip" => Ok(true),
+        "identity" => Ok(false),
         _ => Err(RegistryError::Encoding(encoding)),
+    }
+}
+
+/// Says what went wrong with the body in words: actix's own messages for an inflating failure
+/// carry the Rust debug form of the inner error.
+fn body_error(error: PayloadError, gzip: bool) -> String {
+    match error {
+        PayloadError::Incomplete(Some(_)) | PayloadError::Io(_) if gzip => {
+            "the body is not valid gzip".into()
+        }
+        PayloadError::Incomplete(_) => "the body ended before it was complete".into(),
+        other => other.to_string(),
     }
 }
 
@@ -159,8 +176,11 @@ pub async fn versions(
     Ok(HttpResponse::Ok().json(versions))
 }
 
-/// The version an alias should point at: a number of this dataset or a version id.
+/// The version an alias should point at: a number of this dataset or a version id. Dataset
+/// aliases are not protected (any engineer moves them); any other key, `protected` included,
+/// is refused rather than ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AliasRequest {
     #[schema(value_type = Object, example = json!(3))]
     pub version: serde_json::Value,
@@ -180,6 +200,8 @@ pub async fn set_alias(
     let (name, alias) = path.into_inner();
     let name = DatasetName::parse(&name)?;
     let alias = AliasName::parse(&alias)?;
+    // Said before the version is looked up, so a missing dataset is named as such.
+    find_dataset(&state, name.as_str()).await?;
     let reference = match &body.version {
         serde_json::Value::Number(n) => n
             .as_i64()
