@@ -12,7 +12,7 @@ cd "$FERRITE_ROOT"
 bash scripts/setup.sh
 bash scripts/fetch-data.sh
 
-echo "demo: building ferrite (release)" >&2
+echo "demo: building ferrite (release; the first build takes 10-15 minutes on two cores)" >&2
 cargo build --release --quiet -p ferrite-cli
 
 # A local S3-compatible store for artifacts, kept between runs under .ferrite/.
