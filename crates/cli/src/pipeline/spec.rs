@@ -233,7 +233,7 @@ pub fn parse(source: &str, base_dir: PathBuf) -> Result<Pipeline, Vec<LineError>
     let mut problems = Vec::new();
     let pipeline = read_pipeline(&root, base_dir, &mut problems);
     if let Some(pipeline) = &pipeline {
-        check_graph(pipeline, &mut problems);
+        check_graph(pipeline, &declared_stage_names(&root), &mut problems);
         for stage in &pipeline.stages {
             problems.extend(stages::for_kind(stage.kind).check(stage));
         }
@@ -448,7 +448,20 @@ fn reference(node: &Node, problems: &mut Vec<LineError>) -> Option<Located<Refer
 }
 
 /// Stage names are unique, and `stage:` references point at an earlier stage.
-fn check_graph(pipeline: &Pipeline, problems: &mut Vec<LineError>) {
+/// The names of every stage in the file, including stages that did not parse: a reference to
+/// one of those is not reported again, since the stage's own problem already is.
+fn declared_stage_names(root: &Node) -> BTreeSet<String> {
+    let Some(Ok(items)) = root.get("stages").map(|node| node.as_sequence("stages")) else {
+        return BTreeSet::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| item.get("name")?.as_str("name").ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_graph(pipeline: &Pipeline, declared: &BTreeSet<String>, problems: &mut Vec<LineError>) {
     let mut earlier = BTreeSet::new();
     for stage in &pipeline.stages {
         for reference in stage_references(&stage.inputs) {
@@ -458,7 +471,11 @@ fn check_graph(pipeline: &Pipeline, problems: &mut Vec<LineError>) {
             if earlier.contains(target.as_str()) {
                 continue;
             }
-            let message = if pipeline.stages.iter().any(|s| &s.name == target) {
+            let parsed = pipeline.stages.iter().any(|s| &s.name == target);
+            if !parsed && declared.contains(target) {
+                continue;
+            }
+            let message = if parsed {
                 format!(
                     "stage `{target}` runs after `{}`; move it before",
                     stage.name
@@ -613,6 +630,17 @@ stages:
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].line, 14);
         assert!(found[0].message.contains("unknown stage kind `pretrian`"));
+    }
+
+    #[test]
+    fn a_stage_with_an_unknown_kind_is_reported_once_not_again_where_it_is_used() {
+        // `tok`'s kind (line 8) is misspelt; `pre` still refers to it at line 17. The one real
+        // problem is the kind; "there is no stage named `tok`" would send the reader astray.
+        let source = VALID.replace("kind: tokenizer", "kind: tokeniser");
+        let found = problems(&source);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].line, 8);
+        assert!(found[0].message.contains("unknown stage kind `tokeniser`"));
     }
 
     #[test]
