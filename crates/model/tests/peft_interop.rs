@@ -4,7 +4,7 @@
 //! it the test prints why it skipped and passes.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferrite_model::adapter;
@@ -14,23 +14,8 @@ use ferrite_model::lora::{LoraAdapter, LoraConfig, TargetModules};
 use ferrite_model::{ModelConfig, safetensors};
 use tch::{Device, Tensor, nn};
 
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("FERRITE_PY_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/ferrite/py-venv"))
-        })?;
-    let python = venv.join("bin/python");
-    if python.exists() {
-        Some(python)
-    } else {
-        eprintln!(
-            "SKIPPED: no Python venv at {} (run scripts/setup-python.sh)",
-            venv.display()
-        );
-        None
-    }
-}
+#[path = "support/python.rs"]
+mod python_venv;
 
 fn logits(model: &Llama, ids: &Tensor) -> Tensor {
     tch::no_grad(|| model.forward(ids, &ForwardOptions::default(), None))
@@ -38,7 +23,9 @@ fn logits(model: &Llama, ids: &Tensor) -> Tensor {
 
 #[test]
 fn ferrite_and_peft_adapters_give_the_same_logits_both_ways() {
-    let Some(python) = python() else { return };
+    let Some(python) = python_venv::venv_python() else {
+        return;
+    };
     tch::manual_seed(5);
     let dir = tempfile::tempdir().expect("temp dir");
     let folder = dir.path();

@@ -3,7 +3,7 @@
 //! test prints why it skipped and passes.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferrite_model::checkpoint;
@@ -12,30 +12,14 @@ use ferrite_model::llama::{ForwardOptions, Llama};
 use ferrite_model::{ModelConfig, safetensors};
 use tch::{Device, Tensor, nn};
 
+#[path = "support/python.rs"]
+mod python_venv;
+
 struct NoText;
 
 impl TextDecoder for NoText {
     fn decode(&self, _ids: &[u32]) -> String {
         String::new()
-    }
-}
-
-/// The venv's Python, or `None` (after saying why) when the venv is absent.
-pub fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("FERRITE_PY_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/ferrite/py-venv"))
-        })?;
-    let python = venv.join("bin/python");
-    if python.exists() {
-        Some(python)
-    } else {
-        eprintln!(
-            "SKIPPED: no Python venv at {} (run scripts/setup-python.sh)",
-            venv.display()
-        );
-        None
     }
 }
 
@@ -61,7 +45,9 @@ fn tensor_of(rows: &[Vec<i64>]) -> Tensor {
 }
 
 fn check_config(config: ModelConfig) {
-    let Some(python) = python() else { return };
+    let Some(python) = python_venv::venv_python() else {
+        return;
+    };
     tch::manual_seed(3);
     let var_store = nn::VarStore::new(Device::Cpu);
     let model = Llama::new(&var_store.root(), &config);

@@ -12,6 +12,9 @@ use ferrite_model::tokenizer::{ChatMessage, Role, Tokenizer};
 use ferrite_model::{gguf, safetensors};
 use tch::{Device, Tensor};
 
+#[path = "support/python.rs"]
+mod python_venv;
+
 fn model_path() -> PathBuf {
     let data = std::env::var_os("FERRITE_DATA")
         .map(PathBuf::from)
@@ -65,7 +68,9 @@ fn smollm2_says_paris_is_the_capital_of_france_and_transformers_agrees() {
     // The published model answers this correctly under greedy decoding.
     assert!(text.contains("Paris"), "{text:?}");
 
-    let Some(python) = python() else { return };
+    let Some(python) = python_venv::venv_python() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     checkpoint::save(
         dir.path(),
@@ -105,22 +110,4 @@ fn smollm2_says_paris_is_the_capital_of_france_and_transformers_agrees() {
         "transformers' greedy continuation differs:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("FERRITE_PY_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/ferrite/py-venv"))
-        })?;
-    let python = venv.join("bin/python");
-    if python.exists() {
-        Some(python)
-    } else {
-        eprintln!(
-            "SKIPPED the transformers half: no venv at {} (run scripts/setup-python.sh)",
-            venv.display()
-        );
-        None
-    }
 }

@@ -14,21 +14,20 @@ use std::process::Command;
 use ferrite_model::{checkpoint, gguf};
 use support::TestGateway;
 
+#[path = "../../../crates/model/tests/support/python.rs"]
+mod python_venv;
+
+/// The venv's Python, when it has the `openai` package; otherwise `None`, after saying why.
 fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("FERRITE_PY_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/ferrite/py-venv"))
-        })?;
-    let python = venv.join("bin/python");
+    let python = python_venv::venv_python()?;
     let has_openai = Command::new(&python)
         .args(["-c", "import openai"])
         .status()
         .is_ok_and(|status| status.success());
     if !has_openai {
         eprintln!(
-            "SKIPPED: no venv with `openai` at {} (run scripts/setup-python.sh)",
-            venv.display()
+            "SKIPPED: the venv's {} lacks `openai` (run scripts/setup-python.sh)",
+            python.display()
         );
         return None;
     }
