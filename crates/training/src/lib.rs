@@ -10,3 +10,4 @@ pub mod schedule;
 pub mod sft;
 pub mod sft_data;
 mod sft_job;
+pub mod state_file;

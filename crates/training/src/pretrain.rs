@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::adamw::{AdamW, AdamWConfig, AdamWError};
 use crate::data::{self, DataError, RandomWindows};
 use crate::schedule::WarmupCosine;
+use crate::state_file::{self, StateFileError};
 
 /// Why pretraining could not start, checkpoint or resume.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,15 @@ pub enum PretrainError {
     /// A hyper-parameter is out of range.
     #[error("invalid pretraining config: {0}")]
     Invalid(String),
+}
+
+impl From<StateFileError> for PretrainError {
+    fn from(error: StateFileError) -> Self {
+        PretrainError::State {
+            path: error.path,
+            problem: error.problem,
+        }
+    }
 }
 
 /// Hyper-parameters of a pretraining run; keys left out take their defaults, unknown keys are
@@ -241,7 +251,6 @@ struct TrainerState {
 
 /// File names a pretraining checkpoint adds to the model folder.
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "trainer_state.json";
 
 /// Mean next-token cross-entropy of `model` on `windows` `[batch, time + 1]`.
 pub fn next_token_loss(model: &Llama, windows: &Tensor, bf16_autocast: bool) -> Tensor {
@@ -480,14 +489,7 @@ impl Pretrainer {
             data_rng_state: self.train.rng_state().map(|word| word.to_string()),
             config: self.config.clone(),
         };
-        let path = dir.join(STATE_FILE);
-        let state_error = |problem: String| PretrainError::State {
-            path: path.display().to_string(),
-            problem,
-        };
-        let text =
-            serde_json::to_string_pretty(&state).map_err(|error| state_error(error.to_string()))?;
-        std::fs::write(&path, text).map_err(|error| state_error(error.to_string()))?;
+        state_file::write(dir, &state)?;
         tracing::info!(step = self.step, dir = %dir.display(), "pretraining checkpoint written");
         Ok(())
     }
@@ -501,20 +503,12 @@ impl Pretrainer {
         held_out_tokens: &[u32],
         device: Device,
     ) -> Result<Self, PretrainError> {
-        let path = dir.join(STATE_FILE);
-        let state_error = |problem: String| PretrainError::State {
-            path: path.display().to_string(),
-            problem,
-        };
-        let text =
-            std::fs::read_to_string(&path).map_err(|error| state_error(error.to_string()))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|error| state_error(error.to_string()))?;
+        let state: TrainerState = state_file::read(dir)?;
         let mut rng_state = [0u64; 4];
         for (word, saved) in rng_state.iter_mut().zip(&state.data_rng_state) {
-            *word = saved
-                .parse()
-                .map_err(|_| state_error(format!("data_rng_state word {saved:?} is not a u64")))?;
+            *word = saved.parse().map_err(|_| {
+                StateFileError::at(dir, format!("data_rng_state word {saved:?} is not a u64"))
+            })?;
         }
 
         state.config.validate()?;

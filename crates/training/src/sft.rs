@@ -22,6 +22,7 @@ use tch::{Device, Kind, Reduction, Tensor, nn};
 use crate::adamw::{AdamW, AdamWConfig, AdamWError};
 use crate::schedule::WarmupCosine;
 use crate::sft_data::{self, Batch, Example, IGNORE};
+use crate::state_file::{self, StateFileError};
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +197,15 @@ pub enum SftError {
     State { path: String, problem: String },
 }
 
+impl From<StateFileError> for SftError {
+    fn from(error: StateFileError) -> Self {
+        SftError::State {
+            path: error.path,
+            problem: error.problem,
+        }
+    }
+}
+
 /// Measurements of one optimizer step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepMetrics {
@@ -222,7 +232,6 @@ struct TrainerState {
 }
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "trainer_state.json";
 
 /// Conversations in a shuffled order, reshuffled every epoch from `seed` and the epoch number,
 /// so `(epoch, cursor)` is the whole data position.
@@ -552,12 +561,7 @@ impl SftTrainer {
             base_eval_loss: self.base_eval_loss,
             config: self.config.clone(),
         };
-        let path = dir.join(STATE_FILE);
-        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-        std::fs::write(&path, text).map_err(|error| SftError::State {
-            path: path.display().to_string(),
-            problem: error.to_string(),
-        })?;
+        state_file::write(dir, &state)?;
         tracing::info!(step = self.step, dir = %dir.display(), "fine-tuning checkpoint written");
         Ok(())
     }
@@ -586,15 +590,7 @@ impl SftTrainer {
         data: SftData,
         device: Device,
     ) -> Result<Self, SftError> {
-        let path = dir.join(STATE_FILE);
-        let state_error = |problem: String| SftError::State {
-            path: path.display().to_string(),
-            problem,
-        };
-        let text =
-            std::fs::read_to_string(&path).map_err(|error| state_error(error.to_string()))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|error| state_error(error.to_string()))?;
+        let state: TrainerState = state_file::read(dir)?;
         let mut trainer = match state.method {
             Method::Full => {
                 let mut loaded = checkpoint::load(dir, device)?;
