@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Tensor, nn};
 
 use crate::config::{ConfigError, ModelConfig};
-use crate::llama::Llama;
+use crate::llama::{Llama, Projection};
+use crate::nf4::Nf4Projection;
 use crate::safetensors::{self, SafetensorsError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -178,32 +179,93 @@ pub fn load_weights(
 ) -> Result<(), CheckpointError> {
     let variables = var_store.variables();
     for (name, variable) in &variables {
-        let tensor = tensors
-            .get(name)
-            .ok_or_else(|| CheckpointError::MissingTensor {
-                path: source.to_path_buf(),
-                name: name.clone(),
-            })?;
-        if tensor.size() != variable.size() {
-            return Err(CheckpointError::ShapeMismatch {
-                path: source.to_path_buf(),
-                name: name.clone(),
-                expected: variable.size(),
-                found: tensor.size(),
-            });
-        }
-        let torch_error = |source| CheckpointError::Torch {
-            name: name.clone(),
-            source,
-        };
-        let converted = tensor
-            .f_to_device(variable.device())
-            .and_then(|t| t.f_to_kind(variable.kind()))
-            .map_err(torch_error)?;
-        let mut variable = variable.shallow_clone();
-        tch::no_grad(|| variable.f_copy_(&converted)).map_err(torch_error)?;
+        let tensor = tensors.get(name).ok_or_else(|| missing(source, name))?;
+        copy_into(variable, tensor, name, source)?;
     }
-    for name in tensors.keys() {
+    check_leftovers(tensors.keys(), &variables, tied_embeddings, source)
+}
+
+/// As [`load_weights`], reading each tensor from `reader` only when it is copied, so the
+/// file's contents are never in memory all at once.
+fn load_weights_from(
+    var_store: &nn::VarStore,
+    reader: &safetensors::Reader,
+    source: &Path,
+    config: &ModelConfig,
+    quantised: &[String],
+) -> Result<(), CheckpointError> {
+    let variables = var_store.variables();
+    for (name, variable) in &variables {
+        let shape = reader.shape(name).ok_or_else(|| missing(source, name))?;
+        if shape != variable.size() {
+            return Err(shape_mismatch(
+                source,
+                name,
+                variable.size(),
+                shape.to_vec(),
+            ));
+        }
+        copy_into(variable, &reader.read(name)?, name, source)?;
+    }
+    let leftovers = reader
+        .names()
+        .filter(|name| !quantised.iter().any(|quantised| quantised == name));
+    check_leftovers(leftovers, &variables, config.tie_word_embeddings, source)
+}
+
+fn missing(source: &Path, name: &str) -> CheckpointError {
+    CheckpointError::MissingTensor {
+        path: source.to_path_buf(),
+        name: name.to_owned(),
+    }
+}
+
+fn shape_mismatch(
+    source: &Path,
+    name: &str,
+    expected: Vec<i64>,
+    found: Vec<i64>,
+) -> CheckpointError {
+    CheckpointError::ShapeMismatch {
+        path: source.to_path_buf(),
+        name: name.to_owned(),
+        expected,
+        found,
+    }
+}
+
+/// Copies `tensor` into the parameter `variable`, converting device and dtype.
+fn copy_into(
+    variable: &Tensor,
+    tensor: &Tensor,
+    name: &str,
+    source: &Path,
+) -> Result<(), CheckpointError> {
+    if tensor.size() != variable.size() {
+        return Err(shape_mismatch(source, name, variable.size(), tensor.size()));
+    }
+    let torch_error = |source| CheckpointError::Torch {
+        name: name.to_owned(),
+        source,
+    };
+    let converted = tensor
+        .f_to_device(variable.device())
+        .and_then(|t| t.f_to_kind(variable.kind()))
+        .map_err(torch_error)?;
+    let mut variable = variable.shallow_clone();
+    tch::no_grad(|| variable.f_copy_(&converted)).map_err(torch_error)?;
+    Ok(())
+}
+
+/// Refuses a file tensor the model has no parameter for.
+fn check_leftovers<'a>(
+    names: impl Iterator<Item = impl AsRef<str> + 'a>,
+    variables: &std::collections::HashMap<String, Tensor>,
+    tied_embeddings: bool,
+    source: &Path,
+) -> Result<(), CheckpointError> {
+    for name in names {
+        let name = name.as_ref();
         // Some exporters write the tied head anyway, and old Llama files carry the rotary
         // frequencies as a buffer; both are derived, not parameters.
         let derived =
@@ -211,7 +273,7 @@ pub fn load_weights(
         if !variables.contains_key(name) && !derived {
             return Err(CheckpointError::UnexpectedTensor {
                 path: source.to_path_buf(),
-                name: name.clone(),
+                name: name.to_owned(),
             });
         }
     }
@@ -232,41 +294,95 @@ pub fn from_tensors(
     Ok((var_store, model))
 }
 
-/// Reads a Hugging Face Llama folder onto `device`, weights in f32.
+/// Reads a Hugging Face Llama folder onto `device`, weights in f32, one tensor at a time.
 // TODO: sharded weights (`model.safetensors.index.json`) are not read, so models past one
-// file fail with a missing-file error; the file is read whole rather than memory-mapped, so
-// loading briefly holds the weights twice.
+// file fail with a missing-file error.
 pub fn load(dir: &Path, device: Device) -> Result<Checkpoint, CheckpointError> {
-    let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let loaded = safetensors::load(&weights_path)?;
-    let (var_store, model) = from_tensors(config.clone(), &loaded.tensors, &weights_path, device)?;
+    load_quantized(dir, device, |_| false)
+}
 
-    let tokenizer = if dir.join("tokenizer.json").exists() {
-        let tokenizer = Tokenizer::load(dir).map_err(|source| CheckpointError::Tokenizer {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let size = tokenizer.vocab_size() as i64;
-        // An embedding padded past the tokenizer (to a multiple of 64, say) is common and
-        // harmless; a tokenizer with ids the embedding cannot look up is not.
-        if size > config.vocab_size {
-            return Err(CheckpointError::VocabularyMismatch {
-                path: dir.to_path_buf(),
-                tokenizer: size,
-                embedding: config.vocab_size,
-            });
-        }
-        Some(tokenizer)
-    } else {
-        None
-    };
+/// Reads a Hugging Face Llama folder onto `device` with every projection `quantize` accepts
+/// (by module name, e.g. `model.layers.0.mlp.up_proj`) stored in NF4 as it is read, the way
+/// bitsandbytes' `load_in_4bit` loads a QLoRA base: the f32 copy of a quantised weight exists
+/// only while it is being quantised. The other parameters load in f32 into the store; the
+/// quantised ones are not in it, so the store alone no longer saves as a whole model.
+pub fn load_quantized(
+    dir: &Path,
+    device: Device,
+    quantize: impl Fn(&str) -> bool,
+) -> Result<Checkpoint, CheckpointError> {
+    let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
+    config.validate()?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let reader = safetensors::Reader::open(&weights_path)?;
+    let var_store = nn::VarStore::new(device);
+    let mut quantised = Vec::new();
+    let mut failure = None;
+    let model = Llama::build(
+        &var_store.root(),
+        &config,
+        |name, _, in_features, out_features| {
+            if !quantize(name) || failure.is_some() {
+                return None;
+            }
+            let weight_name = format!("{name}.weight");
+            let expected = vec![out_features, in_features];
+            let read = match reader.shape(&weight_name) {
+                None => Err(missing(&weights_path, &weight_name)),
+                Some(shape) if shape != expected.as_slice() => Err(shape_mismatch(
+                    &weights_path,
+                    &weight_name,
+                    expected,
+                    shape.to_vec(),
+                )),
+                Some(_) => reader.read(&weight_name).map_err(CheckpointError::from),
+            };
+            match read {
+                Ok(weight) => {
+                    quantised.push(weight_name);
+                    let weight = weight.to_device(device).to_kind(tch::Kind::Float);
+                    Some(Box::new(Nf4Projection::new(&weight)) as Box<dyn Projection>)
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            }
+        },
+    );
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    load_weights_from(&var_store, &reader, &weights_path, &config, &quantised)?;
+    let tokenizer = tokenizer_of(dir, &config)?;
     Ok(Checkpoint {
         var_store,
         model,
         config,
         tokenizer,
     })
+}
+
+/// The folder's tokenizer, when it has one, checked against the embedding's size.
+fn tokenizer_of(dir: &Path, config: &ModelConfig) -> Result<Option<Tokenizer>, CheckpointError> {
+    if !dir.join("tokenizer.json").exists() {
+        return Ok(None);
+    }
+    let tokenizer = Tokenizer::load(dir).map_err(|source| CheckpointError::Tokenizer {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let size = tokenizer.vocab_size() as i64;
+    // An embedding padded past the tokenizer (to a multiple of 64, say) is common and
+    // harmless; a tokenizer with ids the embedding cannot look up is not.
+    if size > config.vocab_size {
+        return Err(CheckpointError::VocabularyMismatch {
+            path: dir.to_path_buf(),
+            tokenizer: size,
+            embedding: config.vocab_size,
+        });
+    }
+    Ok(Some(tokenizer))
 }
 
 /// Builds a model from a GGUF import (see [`crate::gguf`]).

@@ -152,6 +152,7 @@ pub struct Attention {
 }
 
 /// How attention may look back, computed once per forward pass and shared by all layers.
+#[derive(Debug)]
 enum Mask {
     /// Plain causal attention over a fresh sequence: the kernel's own causal path.
     Causal,
@@ -170,7 +171,7 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 impl Attention {
-    fn new(path: &nn::Path, config: &ModelConfig) -> Self {
+    fn new(path: &nn::Path, config: &ModelConfig, make: &mut Builder<'_>) -> Self {
         let (hidden, heads, kv_heads, head_dim) = (
             config.hidden_size,
             config.num_attention_heads,
@@ -178,10 +179,10 @@ impl Attention {
             config.head_dim(),
         );
         Self {
-            q_proj: Box::new(Dense::new(&(path / "q_proj"), hidden, heads * head_dim)),
-            k_proj: Box::new(Dense::new(&(path / "k_proj"), hidden, kv_heads * head_dim)),
-            v_proj: Box::new(Dense::new(&(path / "v_proj"), hidden, kv_heads * head_dim)),
-            o_proj: Box::new(Dense::new(&(path / "o_proj"), heads * head_dim, hidden)),
+            q_proj: make.projection(path, "q_proj", hidden, heads * head_dim),
+            k_proj: make.projection(path, "k_proj", hidden, kv_heads * head_dim),
+            v_proj: make.projection(path, "v_proj", hidden, kv_heads * head_dim),
+            o_proj: make.projection(path, "o_proj", heads * head_dim, hidden),
             heads,
             kv_heads,
             head_dim,
@@ -257,12 +258,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn new(path: &nn::Path, config: &ModelConfig) -> Self {
+    fn new(path: &nn::Path, config: &ModelConfig, make: &mut Builder<'_>) -> Self {
         let (hidden, inner) = (config.hidden_size, config.intermediate_size);
         Self {
-            gate_proj: Box::new(Dense::new(&(path / "gate_proj"), hidden, inner)),
-            up_proj: Box::new(Dense::new(&(path / "up_proj"), hidden, inner)),
-            down_proj: Box::new(Dense::new(&(path / "down_proj"), inner, hidden)),
+            gate_proj: make.projection(path, "gate_proj", hidden, inner),
+            up_proj: make.projection(path, "up_proj", hidden, inner),
+            down_proj: make.projection(path, "down_proj", inner, hidden),
         }
     }
 
@@ -284,10 +285,12 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(path: &nn::Path, config: &ModelConfig) -> Self {
+    fn new(path: &nn::Path, config: &ModelConfig, make: &mut Builder<'_>) -> Self {
         Self {
-            self_attn: Attention::new(&(path / "self_attn"), config),
-            mlp: Mlp::new(&(path / "mlp"), config),
+            self_attn: make.nested("self_attn", |make| {
+                Attention::new(&(path / "self_attn"), config, make)
+            }),
+            mlp: make.nested("mlp", |make| Mlp::new(&(path / "mlp"), config, make)),
             input_layernorm: RmsNorm::new(
                 &(path / "input_layernorm"),
                 config.hidden_size,
@@ -339,10 +342,72 @@ pub struct Llama {
     inverse_frequencies: Tensor,
 }
 
+/// Makes each projection while a model is built, knowing the Hugging Face module name it is
+/// building (e.g. `model.layers.0.self_attn.q_proj`): whatever the caller's factory supplies,
+/// else a fresh dense layer in the variable store.
+struct Builder<'a> {
+    prefix: String,
+    factory: &'a mut ProjectionFactory<'a>,
+}
+
+/// Called with a projection's module name, its variable-store path and its `in` and `out`
+/// sizes; `None` means "a fresh dense layer".
+type ProjectionFactory<'a> =
+    dyn FnMut(&str, &nn::Path, i64, i64) -> Option<Box<dyn Projection>> + 'a;
+
+impl Builder<'_> {
+    fn projection(
+        &mut self,
+        path: &nn::Path,
+        name: &str,
+        in_features: i64,
+        out_features: i64,
+    ) -> Box<dyn Projection> {
+        let full_name = if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        let path = path / name;
+        (self.factory)(&full_name, &path, in_features, out_features)
+            .unwrap_or_else(|| Box::new(Dense::new(&path, in_features, out_features)))
+    }
+
+    fn nested<T>(&mut self, segment: &str, build: impl FnOnce(&mut Self) -> T) -> T {
+        let outer = self.prefix.len();
+        if self.prefix.is_empty() {
+            self.prefix.push_str(segment);
+        } else {
+            self.prefix.push('.');
+            self.prefix.push_str(segment);
+        }
+        let built = build(self);
+        self.prefix.truncate(outer);
+        built
+    }
+}
+
 impl Llama {
     /// Builds the model's parameters under `root` (normally `var_store.root()`), freshly
     /// initialised; load weights into the store to use trained ones.
     pub fn new(root: &nn::Path, config: &ModelConfig) -> Self {
+        Self::build(root, config, |_, _, _, _| None)
+    }
+
+    /// Builds the model as [`Llama::new`] does, except that `factory` may supply any projection
+    /// itself: it is called with the module name, the variable-store path and the `in` and
+    /// `out` sizes, and returns `None` for "a fresh dense layer". Projections it supplies never
+    /// exist as dense weights; this is how a QLoRA base is loaded one tensor at a time,
+    /// quantised as it is read, without the whole f32 model in memory.
+    pub fn build(
+        root: &nn::Path,
+        config: &ModelConfig,
+        mut factory: impl FnMut(&str, &nn::Path, i64, i64) -> Option<Box<dyn Projection>>,
+    ) -> Self {
+        let mut make = Builder {
+            prefix: String::new(),
+            factory: &mut factory,
+        };
         let model = root / "model";
         let head_dim = config.head_dim();
         // HF: inv_freq = 1 / theta^(2i / d), i = 0 .. d/2, computed in f32.
@@ -361,16 +426,15 @@ impl Llama {
                 0.02,
             ),
             layers: (0..config.num_hidden_layers)
-                .map(|index| DecoderLayer::new(&(&model / "layers" / index), config))
+                .map(|index| {
+                    make.nested(&format!("model.layers.{index}"), |make| {
+                        DecoderLayer::new(&(&model / "layers" / index), config, make)
+                    })
+                })
                 .collect(),
             norm: RmsNorm::new(&(&model / "norm"), config.hidden_size, config.rms_norm_eps),
-            lm_head: (!config.tie_word_embeddings).then(|| {
-                Box::new(Dense::new(
-                    &(root / "lm_head"),
-                    config.hidden_size,
-                    config.vocab_size,
-                )) as Box<dyn Projection>
-            }),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| make.projection(root, "lm_head", config.hidden_size, config.vocab_size)),
             config: config.clone(),
             inverse_frequencies,
         }
@@ -483,16 +547,34 @@ impl Llama {
         self.norm.forward(&x)
     }
 
-    /// Logits `[batch, time, vocab]` for packed rows: several documents back to back in each
-    /// row, `document_ids` `[batch, time]` keeping attention inside each document (padding
-    /// gets an id of its own) and `position_ids` restarting at every document, so each
-    /// document is computed as if it were alone.
-    pub fn forward_packed(
+    /// What the blocks need for a pass over fresh rows (no cache): `options` as for
+    /// [`Llama::forward`].
+    pub fn prepare(&self, input_ids: &Tensor, options: &ForwardOptions) -> BlockInputs {
+        let (batch, time) = (input_ids.size()[0], input_ids.size()[1]);
+        let embedded = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let positions = match options.position_ids {
+            Some(positions) => positions.to_device(embedded.device()),
+            None => Tensor::arange(time, (Kind::Int64, embedded.device()))
+                .unsqueeze(0)
+                .expand([batch, time], false),
+        };
+        BlockInputs {
+            rotary: self.rotary(&positions, embedded.kind()),
+            mask: self.mask(batch, time, 0, options.attention_mask),
+            embedded,
+        }
+    }
+
+    /// What the blocks need for packed rows: several documents back to back in each row,
+    /// `document_ids` `[batch, time]` keeping attention inside each document (padding gets an
+    /// id of its own) and `position_ids` restarting at every document, so each document is
+    /// computed as if it were alone.
+    pub fn prepare_packed(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
         document_ids: &Tensor,
-    ) -> Tensor {
+    ) -> BlockInputs {
         let time = input_ids.size()[1];
         let device = self.embed_tokens.device();
         let order = Tensor::arange(time, (Kind::Int64, device));
@@ -505,13 +587,83 @@ impl Llama {
             .unsqueeze(2)
             .eq_tensor(&documents.unsqueeze(1))
             .unsqueeze(1);
-        let mask = Mask::Explicit(causal.logical_and(&same_document));
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let rotary = self.rotary(&position_ids.to_device(device), x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &mask, None);
+        let embedded = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        BlockInputs {
+            rotary: self.rotary(&position_ids.to_device(device), embedded.kind()),
+            mask: Mask::Explicit(causal.logical_and(&same_document)),
+            embedded,
         }
-        self.logits_from_hidden(&self.norm.forward(&x))
+    }
+
+    /// Runs every block and the final norm over `inputs`, keeping the autograd graph when
+    /// gradients are on. With `layer_seed`, libtorch's generator is reseeded before each block
+    /// (`seed + index`) and before the head (`seed + layers`), so adapter dropout draws the
+    /// same masks here as in [`Llama::backward_checkpointed`].
+    pub fn run_blocks(&self, inputs: &BlockInputs, layer_seed: Option<i64>) -> Tensor {
+        let mut x = inputs.embedded.shallow_clone();
+        for (index, layer) in self.layers.iter().enumerate() {
+            reseed(layer_seed, index);
+            x = layer.forward(&x, &inputs.rotary, &inputs.mask, None);
+        }
+        reseed(layer_seed, self.layers.len());
+        self.norm.forward(&x)
+    }
+
+    /// Gradient checkpointing (Chen et al., 2016, "Training deep nets with sublinear memory
+    /// cost"): computes `loss_of_hidden(run_blocks(inputs))` and accumulates its gradients into
+    /// every parameter that requires them, while keeping only each block's input between the
+    /// forward and the backward pass. Each block is run again, with a graph, when the backward
+    /// pass reaches it, and its gradient is pulled back through it alone. The gradients are
+    /// those of `run_blocks` followed by `backward()` (same seeds, same masks); the price is
+    /// one more forward pass, the saving every block's activations and, under an NF4 base,
+    /// every dequantised weight. Returns the loss, detached.
+    pub fn backward_checkpointed(
+        &self,
+        inputs: &BlockInputs,
+        layer_seed: Option<i64>,
+        loss_of_hidden: impl FnOnce(&Tensor) -> Tensor,
+    ) -> Tensor {
+        let mut block_inputs = Vec::with_capacity(self.layers.len());
+        let mut x = inputs.embedded.detach();
+        tch::no_grad(|| {
+            for (index, layer) in self.layers.iter().enumerate() {
+                reseed(layer_seed, index);
+                let output = layer.forward(&x, &inputs.rotary, &inputs.mask, None);
+                block_inputs.push(std::mem::replace(&mut x, output));
+            }
+        });
+        let last = x.set_requires_grad(true);
+        reseed(layer_seed, self.layers.len());
+        let loss = loss_of_hidden(&self.norm.forward(&last));
+        loss.backward();
+        let mut gradient = last.grad();
+        drop(last);
+        for (index, layer) in self.layers.iter().enumerate().rev() {
+            let Some(saved) = block_inputs.pop() else {
+                break;
+            };
+            let input = saved.set_requires_grad(true);
+            reseed(layer_seed, index);
+            let output = layer.forward(&input, &inputs.rotary, &inputs.mask, None);
+            // d(Σ output ⊙ g)/dθ = gᵀ ∂output/∂θ: the chain rule one block at a time.
+            (output * &gradient).sum(Kind::Float).backward();
+            gradient = input.grad();
+        }
+        if inputs.embedded.requires_grad() {
+            (&inputs.embedded * &gradient).sum(Kind::Float).backward();
+        }
+        loss.detach()
+    }
+
+    /// Logits `[batch, time, vocab]` for packed rows (see [`Llama::prepare_packed`]).
+    pub fn forward_packed(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        document_ids: &Tensor,
+    ) -> Tensor {
+        let inputs = self.prepare_packed(input_ids, position_ids, document_ids);
+        self.logits_from_hidden(&self.run_blocks(&inputs, None))
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -531,6 +683,21 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Tensor {
         self.logits_from_hidden(&self.hidden_states(input_ids, options, cache))
+    }
+}
+
+/// What every block of one pass over fresh rows shares: the embedded tokens, the rotary
+/// tables and the attention mask. Made by [`Llama::prepare`] or [`Llama::prepare_packed`].
+#[derive(Debug)]
+pub struct BlockInputs {
+    embedded: Tensor,
+    rotary: (Tensor, Tensor),
+    mask: Mask,
+}
+
+fn reseed(layer_seed: Option<i64>, index: usize) {
+    if let Some(seed) = layer_seed {
+        tch::manual_seed(seed.wrapping_add(index as i64));
     }
 }
 

@@ -158,70 +158,202 @@ pub struct Loaded {
 
 /// Reads every tensor of a safetensors file, checking the header against the file's size.
 pub fn load(path: &Path) -> Result<Loaded, SafetensorsError> {
-    let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| SafetensorsError::Io {
-        path: shown.clone(),
-        source,
-    })?;
-    parse(&bytes, &shown)
+    let reader = Reader::open(path)?;
+    let mut tensors = BTreeMap::new();
+    for name in reader.names() {
+        tensors.insert(name.to_owned(), reader.read(name)?);
+    }
+    Ok(Loaded {
+        tensors,
+        metadata: reader.metadata,
+    })
 }
 
 /// Parses safetensors bytes; `shown` names the source in errors.
 pub fn parse(bytes: &[u8], shown: &str) -> Result<Loaded, SafetensorsError> {
-    let corrupt = |problem: String| SafetensorsError::Corrupt {
-        path: shown.to_string(),
-        problem,
-    };
     let length_bytes: [u8; 8] = bytes
         .get(..8)
         .and_then(|slice| slice.try_into().ok())
         .ok_or_else(|| {
-            corrupt(format!(
-                "file is {} bytes, shorter than the 8-byte header length",
-                bytes.len()
-            ))
+            corrupt(
+                shown,
+                format!(
+                    "file is {} bytes, shorter than the 8-byte header length",
+                    bytes.len()
+                ),
+            )
         })?;
-    let header_length = u64::from_le_bytes(length_bytes);
-    let data_start = usize::try_from(header_length)
-        .ok()
-        .and_then(|length| length.checked_add(8))
-        .filter(|end| *end <= bytes.len())
-        .ok_or_else(|| {
-            corrupt(format!(
-                "header claims {header_length} bytes but the file has only {} after the length",
-                bytes.len() - 8
-            ))
-        })?;
-    let header: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|error| corrupt(format!("header is not a JSON object: {error}")))?;
+    let data_start = data_start(length_bytes, bytes.len() as u64, shown)? as usize;
+    let (entries, metadata) = parse_header(&bytes[8..data_start], bytes.len() - data_start, shown)?;
     let data = &bytes[data_start..];
-
-    let mut loaded = Loaded {
-        tensors: BTreeMap::new(),
-        metadata: BTreeMap::new(),
-    };
-    for (name, entry) in header {
-        if name == "__metadata__" {
-            loaded.metadata = serde_json::from_value(entry)
-                .map_err(|error| corrupt(format!("__metadata__ is not a string map: {error}")))?;
-            continue;
-        }
-        let tensor = parse_tensor(&name, &entry, data, shown)?;
-        loaded.tensors.insert(name, tensor);
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in entries {
+        let tensor = entry.tensor(&data[entry.begin..entry.end], &name, shown)?;
+        tensors.insert(name, tensor);
     }
-    Ok(loaded)
+    Ok(Loaded { tensors, metadata })
 }
 
-fn parse_tensor(
+/// A safetensors file opened to read one tensor at a time: loading a model this way holds its
+/// parameters and one tensor in flight, not the whole file besides. The header is checked
+/// against the file's size when the file is opened.
+#[derive(Debug)]
+pub struct Reader {
+    file: std::fs::File,
+    shown: String,
+    data_start: u64,
+    entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Reader {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<Self, SafetensorsError> {
+        use std::os::unix::fs::FileExt as _;
+        let shown = path.display().to_string();
+        let io = |source| SafetensorsError::Io {
+            path: shown.clone(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let file_length = file.metadata().map_err(io)?.len();
+        let mut length_bytes = [0u8; 8];
+        if file_length < 8 {
+            return Err(corrupt(
+                &shown,
+                format!("file is {file_length} bytes, shorter than the 8-byte header length"),
+            ));
+        }
+        file.read_exact_at(&mut length_bytes, 0).map_err(io)?;
+        let data_start = data_start(length_bytes, file_length, &shown)?;
+        let mut header = vec![0u8; (data_start - 8) as usize];
+        file.read_exact_at(&mut header, 8).map_err(io)?;
+        let (entries, metadata) =
+            parse_header(&header, (file_length - data_start) as usize, &shown)?;
+        Ok(Self {
+            file,
+            shown,
+            data_start,
+            entries,
+            metadata,
+        })
+    }
+
+    /// The tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape, without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.entries.get(name).map(|entry| entry.shape.as_slice())
+    }
+
+    /// The `__metadata__` entries.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Reads one tensor, on the CPU, in the dtype the file stores.
+    pub fn read(&self, name: &str) -> Result<Tensor, SafetensorsError> {
+        use std::os::unix::fs::FileExt as _;
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| corrupt(&self.shown, format!("there is no tensor {name}")))?;
+        let mut bytes = vec![0u8; entry.end - entry.begin];
+        self.file
+            .read_exact_at(&mut bytes, self.data_start + entry.begin as u64)
+            .map_err(|source| SafetensorsError::Io {
+                path: self.shown.clone(),
+                source,
+            })?;
+        entry.tensor(&bytes, name, &self.shown)
+    }
+}
+
+fn corrupt(shown: &str, problem: String) -> SafetensorsError {
+    SafetensorsError::Corrupt {
+        path: shown.to_string(),
+        problem,
+    }
+}
+
+/// Where the tensor bytes begin, from the 8-byte header length, checked against the file.
+fn data_start(
+    length_bytes: [u8; 8],
+    file_length: u64,
+    shown: &str,
+) -> Result<u64, SafetensorsError> {
+    let header_length = u64::from_le_bytes(length_bytes);
+    header_length
+        .checked_add(8)
+        .filter(|end| *end <= file_length)
+        .ok_or_else(|| {
+            corrupt(
+                shown,
+                format!(
+                    "header claims {header_length} bytes but the file has only {} after the length",
+                    file_length - 8
+                ),
+            )
+        })
+}
+
+/// One tensor as the header describes it, checked against the data's length.
+#[derive(Debug)]
+struct Entry {
+    kind: Kind,
+    shape: Vec<i64>,
+    begin: usize,
+    end: usize,
+}
+
+impl Entry {
+    fn tensor(&self, bytes: &[u8], name: &str, shown: &str) -> Result<Tensor, SafetensorsError> {
+        Tensor::f_from_data_size(bytes, &self.shape, self.kind).map_err(|source| {
+            SafetensorsError::Torch {
+                path: shown.to_string(),
+                name: name.to_string(),
+                source,
+            }
+        })
+    }
+}
+
+type Header = (BTreeMap<String, Entry>, BTreeMap<String, String>);
+
+/// The tensors and metadata a JSON header describes, each tensor's byte range checked
+/// against `data_length` and its shape and dtype.
+fn parse_header(
+    header: &[u8],
+    data_length: usize,
+    shown: &str,
+) -> Result<Header, SafetensorsError> {
+    let header: Map<String, Value> = serde_json::from_slice(header)
+        .map_err(|error| corrupt(shown, format!("header is not a JSON object: {error}")))?;
+    let mut entries = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(entry).map_err(|error| {
+                corrupt(shown, format!("__metadata__ is not a string map: {error}"))
+            })?;
+            continue;
+        }
+        let parsed = parse_entry(&name, &entry, data_length, shown)?;
+        entries.insert(name, parsed);
+    }
+    Ok((entries, metadata))
+}
+
+fn parse_entry(
     name: &str,
     entry: &Value,
-    data: &[u8],
+    data_length: usize,
     shown: &str,
-) -> Result<Tensor, SafetensorsError> {
-    let corrupt = |problem: String| SafetensorsError::Corrupt {
-        path: shown.to_string(),
-        problem: format!("tensor {name}: {problem}"),
-    };
+) -> Result<Entry, SafetensorsError> {
+    let corrupt = |problem: String| corrupt(shown, format!("tensor {name}: {problem}"));
     let dtype = entry["dtype"]
         .as_str()
         .ok_or_else(|| corrupt("no dtype".to_string()))?;
@@ -235,10 +367,9 @@ fn parse_tensor(
     let offsets: [usize; 2] = serde_json::from_value(entry["data_offsets"].clone())
         .map_err(|error| corrupt(format!("bad data_offsets: {error}")))?;
     let [begin, end] = offsets;
-    if begin > end || end > data.len() {
+    if begin > end || end > data_length {
         return Err(corrupt(format!(
-            "bytes {begin}..{end} lie outside the {} data bytes (file truncated?)",
-            data.len()
+            "bytes {begin}..{end} lie outside the {data_length} data bytes (file truncated?)"
         )));
     }
     let numel = shape
@@ -256,12 +387,11 @@ fn parse_tensor(
             end - begin
         )));
     }
-    Tensor::f_from_data_size(&data[begin..end], &shape, kind).map_err(|source| {
-        SafetensorsError::Torch {
-            path: shown.to_string(),
-            name: name.to_string(),
-            source,
-        }
+    Ok(Entry {
+        kind,
+        shape,
+        begin,
+        end,
     })
 }
 

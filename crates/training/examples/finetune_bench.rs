@@ -4,13 +4,13 @@
 //!
 //! `scripts/bench-finetune.sh` runs it end to end and prints the ratios.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrite_model::ModelConfig;
-use ferrite_model::checkpoint::{self, Checkpoint};
+use ferrite_model::checkpoint;
 use ferrite_model::llama::Llama;
 use ferrite_model::rng::Rng;
 use ferrite_model::tokenizer::{Tokenizer, TrainConfig};
@@ -26,13 +26,25 @@ struct Arguments {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Trains a fresh preset on random tokens with one method; prints one JSON line with the
-    /// peak resident memory, tokens/s and trainable parameters.
+    /// Writes a freshly initialised preset, with a placeholder tokenizer, as a model folder
+    /// for `memory` to load.
+    Base {
+        #[arg(long, default_value = "gpt2")]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Loads the model folder `base` as a fine-tuning job does for `method` and trains it on
+    /// random tokens; prints one JSON line with the peak resident memory, tokens/s and
+    /// trainable parameters.
     Memory {
         #[arg(long)]
         method: String,
-        #[arg(long, default_value = "gpt2")]
-        preset: String,
+        #[arg(long)]
+        base: PathBuf,
+        /// Recompute blocks in backward; unset takes the trainer's default (on for qlora).
+        #[arg(long)]
+        gradient_checkpointing: Option<bool>,
         #[arg(long, default_value_t = 4)]
         steps: usize,
         #[arg(long, default_value_t = 4)]
@@ -99,14 +111,15 @@ fn random_examples(count: usize, length: usize, vocab: i64, seed: u64) -> Vec<Ex
 
 struct MemoryRun {
     method: Method,
-    preset: String,
+    base: PathBuf,
+    gradient_checkpointing: Option<bool>,
     steps: usize,
     batch_size: usize,
     sequence_length: usize,
 }
 
-fn memory(run: MemoryRun) -> anyhow::Result<()> {
-    let config = ModelConfig::preset(&run.preset)?;
+fn base(preset: &str, out: &Path) -> anyhow::Result<()> {
+    let config = ModelConfig::preset(preset)?;
     // The trainer wants a tokenizer; its ids are never used since the data is random tokens.
     let tokenizer = Tokenizer::train(
         &TrainConfig {
@@ -116,13 +129,14 @@ fn memory(run: MemoryRun) -> anyhow::Result<()> {
         ["a small corpus for a placeholder tokenizer"].into_iter(),
     )?;
     let var_store = nn::VarStore::new(Device::Cpu);
-    let model = Llama::new(&var_store.root(), &config);
-    let checkpoint = Checkpoint {
-        var_store,
-        model,
-        config: config.clone(),
-        tokenizer: Some(tokenizer),
-    };
+    let _model = Llama::new(&var_store.root(), &config);
+    checkpoint::save(out, &var_store, &config, Some(&tokenizer))?;
+    Ok(())
+}
+
+fn memory(run: MemoryRun) -> anyhow::Result<()> {
+    let checkpoint = sft::load_base(&run.base, run.method, Device::Cpu)?;
+    let config = checkpoint.config.clone();
     let length = run.sequence_length + 1;
     let data = SftData {
         train: random_examples(64, length, config.vocab_size, 1),
@@ -137,6 +151,7 @@ fn memory(run: MemoryRun) -> anyhow::Result<()> {
                 .map(String::from)
                 .to_vec(),
         ),
+        gradient_checkpointing: run.gradient_checkpointing,
         ..SftConfig::default()
     };
     let mut trainer = SftTrainer::new(checkpoint, run.method, sft_config, data)?;
@@ -155,7 +170,8 @@ fn memory(run: MemoryRun) -> anyhow::Result<()> {
         serde_json::json!({
             "kind": "memory",
             "method": format!("{:?}", run.method).to_lowercase(),
-            "preset": run.preset,
+            "base": run.base.display().to_string(),
+            "gradient_checkpointing": trainer.gradient_checkpointing(),
             "peak_rss_mib": peak_rss_mib(),
             "tokens_per_second": (tokens - first_step_tokens) as f64 / seconds,
             "trainable_parameters": trainer.trainable_parameters(),
@@ -227,9 +243,11 @@ fn quality(run: QualityRun) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Arguments::parse().command {
+        Command::Base { preset, out } => base(&preset, &out),
         Command::Memory {
             method: name,
-            preset,
+            base,
+            gradient_checkpointing,
             steps,
             batch_size,
             sequence_length,
@@ -238,7 +256,8 @@ fn main() -> anyhow::Result<()> {
             tch::set_num_threads(threads);
             memory(MemoryRun {
                 method: method(&name)?,
-                preset,
+                base,
+                gradient_checkpointing,
                 steps,
                 batch_size,
                 sequence_length,

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ferrite_model::checkpoint;
 use ferrite_model::tokenizer::Tokenizer;
 
 use crate::job::{DatasetInput, DatasetRole, JobError, JobInputs, JobKind, JobObserver, JobOutput};
@@ -148,8 +147,10 @@ pub(crate) fn run_sft(
     let mut trainer = match &inputs.resume_from {
         Some(dir) => SftTrainer::resume(dir, base, data, inputs.device),
         None => {
-            let loaded = checkpoint::load(base, inputs.device).map_err(|error| failed(&error))?;
-            SftTrainer::new(loaded, method_of(kind), config, data)
+            let method = method_of(kind);
+            let loaded =
+                sft::load_base(base, method, inputs.device).map_err(|error| failed(&error))?;
+            SftTrainer::new(loaded, method, config, data)
         }
     }
     .map_err(|error| failed(&error))?;

@@ -272,10 +272,7 @@ fn a_model_trained_on_short_answers_learns_to_stop() {
     let tokenizer = base_folder(dir.path());
     let all = examples(&tokenizer, &short_answers());
     let loaded = checkpoint::load(dir.path(), Device::Cpu).expect("loads");
-    let data = SftData {
-        train: all.clone(),
-        eval: all[..2].to_vec(),
-    };
+    let data = held_out_first_two(&all);
     let mut trainer = SftTrainer::new(loaded, Method::Full, config(60), data).expect("starts");
     let before = stop_probability(trainer.model(), &tokenizer, &all);
     for _ in 0..60 {
@@ -290,9 +287,55 @@ fn a_model_trained_on_short_answers_learns_to_stop() {
     assert!(trainer.evaluate() < trainer.base_eval_loss());
 }
 
+/// Every example to train on, the first two also held out (the tests measure learning, not
+/// generalisation).
+fn held_out_first_two(all: &[Example]) -> SftData {
+    SftData {
+        train: all.to_vec(),
+        eval: all[..2].to_vec(),
+    }
+}
+
 fn train_for(trainer: &mut SftTrainer, steps: usize) {
     for _ in 0..steps {
         trainer.train_step();
+    }
+}
+
+#[test]
+fn gradient_checkpointing_takes_the_same_steps() {
+    let _generator = generator_lock();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokenizer = base_folder(dir.path());
+    let all = examples(&tokenizer, &short_answers());
+    for method in [Method::Full, Method::Lora, Method::Qlora] {
+        let run = |gradient_checkpointing| {
+            let config = SftConfig {
+                gradient_checkpointing: Some(gradient_checkpointing),
+                ..config(4)
+            };
+            let data = held_out_first_two(&all);
+            let base = sft::load_base(dir.path(), method, Device::Cpu).expect("loads");
+            let mut trainer = SftTrainer::new(base, method, config, data).expect("starts");
+            assert_eq!(trainer.gradient_checkpointing(), gradient_checkpointing);
+            train_for(&mut trainer, 4);
+            sft::trained_tensors(&trainer)
+        };
+        let (plain, checkpointed) = (run(false), run(true));
+        for (name, expected) in &plain {
+            // Recomputed blocks repeat the same float operations with the same dropout masks
+            // (lora_dropout is 0.1 here), so four steps agree to rounding; a gradient dropped
+            // or doubled anywhere would differ by the size of an update (~lr = 3e-3).
+            let difference = (expected - &checkpointed[name])
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                difference < 1e-5,
+                "{method:?}: {name} differs by {difference}"
+            );
+        }
     }
 }
 
@@ -303,10 +346,7 @@ fn lora_and_qlora_runs_resume_exactly() {
     let dir = tempfile::tempdir().expect("temp dir");
     let tokenizer = base_folder(dir.path());
     let all = examples(&tokenizer, &short_answers());
-    let data = || SftData {
-        train: all.clone(),
-        eval: all[..2].to_vec(),
-    };
+    let data = || held_out_first_two(&all);
     for method in [Method::Lora, Method::Qlora] {
         let load = || checkpoint::load(dir.path(), Device::Cpu).expect("loads");
         let mut straight = SftTrainer::new(load(), method, config(6), data()).expect("starts");
