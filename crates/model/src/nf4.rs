@@ -290,10 +290,10 @@ impl Nf4Projection {
 
 impl Projection for Nf4Projection {
     // TODO: the bf16 GPU branch has never run here (no GPU on the development machines).
-    // TODO: autograd keeps each dequantised weight until backward (to form the input's
-    // gradient), so during a QLoRA step the frozen base costs f32 memory again; bitsandbytes
-    // dequantises a second time in backward instead, which tch's lack of custom autograd
-    // functions rules out here. QLoRA's peak is therefore higher than the paper's.
+    // Autograd keeps the dequantised weight until backward (to form the input's gradient).
+    // bitsandbytes dequantises a second time in backward instead, which tch cannot express
+    // (no custom autograd functions); gradient checkpointing (`Llama::backward_checkpointed`,
+    // on by default for QLoRA) bounds what is kept to one block's weights instead.
     fn forward(&self, x: &Tensor) -> Tensor {
         let compute = if x.device().is_cuda() {
             Kind::BFloat16
