@@ -104,6 +104,8 @@ pub struct Checkpoint {
 pub const CONFIG_FILE: &str = "config.json";
 /// Weights file name.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of sharded weights: which shard file holds each tensor.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 /// Generation defaults file name.
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
@@ -186,10 +188,10 @@ pub fn load_weights(
 }
 
 /// As [`load_weights`], reading each tensor from `reader` only when it is copied, so the
-/// file's contents are never in memory all at once.
+/// files' contents are never in memory all at once.
 fn load_weights_from(
     var_store: &nn::VarStore,
-    reader: &safetensors::Reader,
+    reader: &safetensors::Weights,
     source: &Path,
     config: &ModelConfig,
     quantised: &[String],
@@ -294,9 +296,8 @@ pub fn from_tensors(
     Ok((var_store, model))
 }
 
-/// Reads a Hugging Face Llama folder onto `device`, weights in f32, one tensor at a time.
-// TODO: sharded weights (`model.safetensors.index.json`) are not read, so models past one
-// file fail with a missing-file error.
+/// Reads a Hugging Face Llama folder onto `device`, weights in f32, one tensor at a time,
+/// from `model.safetensors` or the shards `model.safetensors.index.json` lists.
 pub fn load(dir: &Path, device: Device) -> Result<Checkpoint, CheckpointError> {
     load_quantized(dir, device, |_| false)
 }
@@ -313,8 +314,8 @@ pub fn load_quantized(
 ) -> Result<Checkpoint, CheckpointError> {
     let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
     config.validate()?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let reader = safetensors::Reader::open(&weights_path)?;
+    let reader = safetensors::Weights::open(dir, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)?;
+    let weights_path = reader.path().to_path_buf();
     let var_store = nn::VarStore::new(device);
     let mut quantised = Vec::new();
     let mut failure = None;

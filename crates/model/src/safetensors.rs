@@ -5,7 +5,7 @@
 //! `{"format": "pt"}` metadata `transformers` expects, and its reader panics on corrupt files.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
@@ -269,6 +269,113 @@ impl Reader {
                 source,
             })?;
         entry.tensor(&bytes, name, &self.shown)
+    }
+}
+
+/// A model's weights as one set of names, whether they sit in one safetensors file or in
+/// shards listed by an index (`{"weight_map": {"<tensor>": "<file>"}}`, the layout
+/// `transformers` writes for models past its shard size).
+#[derive(Debug)]
+pub struct Weights {
+    readers: Vec<Reader>,
+    /// Which reader holds each tensor.
+    owners: BTreeMap<String, usize>,
+    /// The file errors about the set as a whole name: the single file or the index.
+    shown: PathBuf,
+}
+
+impl Weights {
+    /// The weights in `dir`: the shards `index` lists when that file exists, else `single`.
+    pub fn open(dir: &Path, single: &str, index: &str) -> Result<Self, SafetensorsError> {
+        let index_path = dir.join(index);
+        if !index_path.exists() {
+            let reader = Reader::open(&dir.join(single))?;
+            let owners = reader.names().map(|name| (name.to_owned(), 0)).collect();
+            return Ok(Self {
+                readers: vec![reader],
+                owners,
+                shown: dir.join(single),
+            });
+        }
+        let shown = index_path.display().to_string();
+        let text = std::fs::read_to_string(&index_path).map_err(|source| SafetensorsError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let parsed: Value = serde_json::from_str(&text)
+            .map_err(|error| corrupt(&shown, format!("not JSON: {error}")))?;
+        let weight_map: BTreeMap<String, String> =
+            serde_json::from_value(parsed["weight_map"].clone()).map_err(|error| {
+                corrupt(
+                    &shown,
+                    format!("weight_map is not a name-to-file map: {error}"),
+                )
+            })?;
+        let mut readers = Vec::new();
+        let mut shards: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut owners = BTreeMap::new();
+        for (name, file) in &weight_map {
+            let owner = match shards.get(file.as_str()) {
+                Some(&owner) => owner,
+                None => {
+                    // The index comes with the model, possibly from elsewhere: a shard is a
+                    // file next to it, never a path that leaves the folder.
+                    let plain = !file.is_empty()
+                        && !file.contains(['/', '\\'])
+                        && file != "."
+                        && file != "..";
+                    if !plain {
+                        return Err(corrupt(
+                            &shown,
+                            format!("shard {file:?} is not a file name in the model folder"),
+                        ));
+                    }
+                    readers.push(Reader::open(&dir.join(file))?);
+                    shards.insert(file, readers.len() - 1);
+                    readers.len() - 1
+                }
+            };
+            if readers[owner].shape(name).is_none() {
+                return Err(corrupt(
+                    &shown,
+                    format!("weight_map puts {name} in {file}, which has no such tensor"),
+                ));
+            }
+            owners.insert(name.clone(), owner);
+        }
+        Ok(Self {
+            readers,
+            owners,
+            shown: index_path,
+        })
+    }
+
+    /// The single file or the index, for errors about the set as a whole.
+    pub fn path(&self) -> &Path {
+        &self.shown
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.owners.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape, without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.owners
+            .get(name)
+            .and_then(|&owner| self.readers[owner].shape(name))
+    }
+
+    /// Reads one tensor from whichever file holds it.
+    pub fn read(&self, name: &str) -> Result<Tensor, SafetensorsError> {
+        match self.owners.get(name) {
+            Some(&owner) => self.readers[owner].read(name),
+            None => Err(corrupt(
+                &self.shown.display().to_string(),
+                format!("there is no tensor {name}"),
+            )),
+        }
     }
 }
 

@@ -226,6 +226,10 @@ fn logprobs_are_the_model_log_softmax() {
     assert!(logprob.top.windows(2).all(|pair| pair[0].1 >= pair[1].1));
 }
 
+fn short_logits(model: &Llama) -> Tensor {
+    tch::no_grad(|| model.forward(&ids(&[&[1, 2, 3, 4]]), &ForwardOptions::default(), None))
+}
+
 fn save_tiny(dir: &Path) -> (nn::VarStore, Llama) {
     let (var_store, model) = tiny();
     let config = model.config().clone();
@@ -238,13 +242,7 @@ fn a_saved_checkpoint_loads_back_with_identical_logits() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (_store, model) = save_tiny(dir.path());
     let loaded = checkpoint::load(dir.path(), Device::Cpu).expect("loads");
-    let input = ids(&[&[1, 2, 3, 4]]);
-    let before = tch::no_grad(|| model.forward(&input, &ForwardOptions::default(), None));
-    let after = tch::no_grad(|| {
-        loaded
-            .model
-            .forward(&input, &ForwardOptions::default(), None)
-    });
+    let (before, after) = (short_logits(&model), short_logits(&loaded.model));
     assert!(before.equal(&after));
     let weights = safetensors::load(&dir.path().join(checkpoint::WEIGHTS_FILE)).expect("reads");
     assert_eq!(
@@ -252,6 +250,85 @@ fn a_saved_checkpoint_loads_back_with_identical_logits() {
         Some("pt")
     );
     assert!(dir.path().join(checkpoint::GENERATION_CONFIG_FILE).exists());
+}
+
+/// Splits the saved `model.safetensors` into two shards (layers 0 and 1 and everything
+/// outside the layers in the first, the rest in the second) with the index `transformers`
+/// writes, and returns the index as JSON for tests to alter.
+fn shard_in_two(dir: &Path) -> serde_json::Value {
+    let single = dir.join(checkpoint::WEIGHTS_FILE);
+    let tensors = safetensors::load(&single).expect("reads").tensors;
+    std::fs::remove_file(&single).expect("removes the single file");
+    let (mut first, mut second) = (BTreeMap::new(), BTreeMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (name, tensor) in tensors {
+        let late = ["model.layers.2.", "model.layers.3."]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+        let (file, shard) = if late {
+            ("model-00002-of-00002.safetensors", &mut second)
+        } else {
+            ("model-00001-of-00002.safetensors", &mut first)
+        };
+        weight_map.insert(name.clone(), serde_json::json!(file));
+        shard.insert(name, tensor);
+    }
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    for (file, shard) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
+        assert!(!shard.is_empty(), "{file} would be empty");
+        safetensors::save(&dir.join(file), shard, &metadata).expect("writes a shard");
+    }
+    serde_json::json!({"metadata": {}, "weight_map": weight_map})
+}
+
+fn write_index(dir: &Path, index: &serde_json::Value) {
+    std::fs::write(dir.join(checkpoint::WEIGHTS_INDEX_FILE), index.to_string())
+        .expect("writes the index");
+}
+
+#[test]
+fn sharded_weights_load_with_the_logits_of_one_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_store, model) = save_tiny(dir.path());
+    let index = shard_in_two(dir.path());
+    write_index(dir.path(), &index);
+    let loaded = checkpoint::load(dir.path(), Device::Cpu).expect("loads the shards");
+    let (before, after) = (short_logits(&model), short_logits(&loaded.model));
+    // The same bytes, only split across files: identical weights, identical logits.
+    assert!(before.equal(&after));
+}
+
+#[test]
+fn a_shard_index_that_leaves_the_folder_or_misplaces_a_tensor_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    save_tiny(dir.path());
+    let index = shard_in_two(dir.path());
+
+    let mut escaping = index.clone();
+    escaping["weight_map"]["model.norm.weight"] = serde_json::json!("../model.safetensors");
+    write_index(dir.path(), &escaping);
+    let error = checkpoint::load(dir.path(), Device::Cpu).expect_err("a path, not a file name");
+    assert!(
+        error
+            .to_string()
+            .contains("\"../model.safetensors\" is not a file name"),
+        "{error}"
+    );
+
+    let mut misplaced = index;
+    misplaced["weight_map"]["model.norm.weight"] =
+        serde_json::json!("model-00002-of-00002.safetensors");
+    write_index(dir.path(), &misplaced);
+    let error = checkpoint::load(dir.path(), Device::Cpu).expect_err("the norm is in shard 1");
+    let message = error.to_string();
+    assert!(
+        message.contains(checkpoint::WEIGHTS_INDEX_FILE)
+            && message.contains("model.norm.weight in model-00002-of-00002.safetensors"),
+        "{message}"
+    );
 }
 
 #[test]
