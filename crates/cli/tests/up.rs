@@ -104,6 +104,32 @@ async fn up_serves_all_seven_services_ready_on_one_port_and_stops_on_sigterm() {
         assert_eq!(status, 200, "{path}");
     }
 
+    // Each service's paths, all on the one port, answer a method they do not serve with a 405
+    // naming the ones they do, in the order the service registers them; a path no service
+    // serves stays a 404.
+    let client = reqwest::Client::new();
+    for (method, path, allow) in [
+        (reqwest::Method::DELETE, "/v1/datasets", "GET"),
+        (reqwest::Method::DELETE, "/v1/jobs", "POST, GET"),
+        (reqwest::Method::PUT, "/v1/registry/models", "POST, GET"),
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::POST, "/readyz", "GET"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("{url}{path}"))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+    }
+    let unknown = client
+        .delete(format!("{url}/v1/nothing-here"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(unknown.status(), 404);
+
     let pid = child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])

@@ -20,7 +20,7 @@ use crate::amqp::{self, Broker, ConsumerSpec};
 use crate::auth::{self, Auth};
 use crate::db;
 use crate::error::{json_config, path_config, payload_config, query_config};
-use crate::http::{self, Readiness};
+use crate::http::{self, JsonLimit, Readiness};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::settings::Settings;
@@ -202,6 +202,7 @@ impl Application {
             let routes = routes.clone();
             App::new()
                 .wrap(actix_web::middleware::from_fn(http::observe))
+                .app_data(JsonLimit(state.json_limit_bytes))
                 .app_data(json_config(state.json_limit_bytes))
                 .app_data(path_config())
                 .app_data(query_config())

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::http::{Json, endpoint};
 use crate::secret::Secret;
 
 /// What a token may do. An admin may do everything any other role may.
@@ -270,7 +271,7 @@ pub struct CreatedToken {
 async fn create_token(
     principal: Principal,
     auth: web::Data<Auth>,
-    body: web::Json<CreateToken>,
+    body: Json<CreateToken>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(&[Role::Admin])?;
     let name = body.name.trim();
@@ -325,10 +326,13 @@ async fn whoami(principal: Principal) -> HttpResponse {
 
 /// Token routes, mounted once per process.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/auth/tokens", web::post().to(create_token))
-        .route("/v1/auth/tokens", web::get().to(list_tokens))
-        .route("/v1/auth/tokens/{id}", web::delete().to(revoke_token))
-        .route("/v1/auth/whoami", web::get().to(whoami));
+    cfg.service(
+        endpoint("/v1/auth/tokens")
+            .post(create_token)
+            .get(list_tokens),
+    )
+    .service(endpoint("/v1/auth/tokens/{id}").delete(revoke_token))
+    .service(endpoint("/v1/auth/whoami").get(whoami));
 }
 
 #[derive(utoipa::OpenApi)]

@@ -176,24 +176,20 @@ impl fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// JSON extractor settings that turn malformed bodies into the standard 400.
+/// Settings for actix's own `web::Json`, for a handler that takes it rather than
+/// [`crate::http::Json`]: the same limit, content type and error shape, but a value of the wrong
+/// type is named only when serde names it (a missing, unknown or repeated field).
 pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
     actix_web::web::JsonConfig::default()
         .limit(limit_bytes)
         .error_handler(|err, _req| {
             use actix_web::error::JsonPayloadError;
             let api = match &err {
-                JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    "body_too_large",
-                    format!("the body is {length} bytes; the limit is {limit}"),
-                ),
+                JsonPayloadError::OverflowKnownLength { length, limit } => {
+                    body_too_large(*length, *limit)
+                }
                 JsonPayloadError::Overflow { limit } => too_large(*limit),
-                JsonPayloadError::ContentType => ApiError::invalid_request(
-                    "invalid_content_type",
-                    "the body must be JSON with `Content-Type: application/json`",
-                ),
+                JsonPayloadError::ContentType => not_json(),
                 JsonPayloadError::Deserialize(e) => body_error(e),
                 other => {
                     ApiError::invalid_request("invalid_json", format!("invalid body: {other}"))
@@ -205,17 +201,8 @@ pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
 
 /// Names the field when serde says which one is wrong, so clients can point at it.
 fn body_error(e: &serde_json::Error) -> ApiError {
-    use serde_json::error::Category;
     match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => ApiError::invalid_request(
-            "invalid_json",
-            format!(
-                "the body is not valid JSON (line {}, column {})",
-                e.line(),
-                e.column()
-            ),
-        ),
-        Category::Data => {
+        serde_json::error::Category::Data => {
             let message = e.to_string();
             let param = field_in_message(&message);
             let error = ApiError::invalid_request("invalid_value", message);
@@ -224,12 +211,19 @@ fn body_error(e: &serde_json::Error) -> ApiError {
                 None => error,
             }
         }
+        _ => syntax_error(e),
     }
+}
+
+/// A body that is not JSON at all, with the line and column where parsing stopped.
+pub(crate) fn syntax_error(e: &serde_json::Error) -> ApiError {
+    ApiError::invalid_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        .with_param(format!("line {}, column {}", e.line(), e.column()))
 }
 
 /// serde names the field in backticks in "missing field `model`", "unknown field `x`" and
 /// "duplicate field `x`"; in other messages a backticked word is a value, not a field.
-fn field_in_message(message: &str) -> Option<String> {
+pub(crate) fn field_in_message(message: &str) -> Option<String> {
     let named = ["missing field", "unknown field", "duplicate field"];
     if !named.iter().any(|prefix| message.starts_with(prefix)) {
         return None;
@@ -239,8 +233,26 @@ fn field_in_message(message: &str) -> Option<String> {
     Some(message[start..end].to_owned())
 }
 
+/// The 400 for a JSON route's body sent as another content type (or none).
+pub(crate) fn not_json() -> ApiError {
+    ApiError::invalid_request(
+        "invalid_content_type",
+        "the body must be JSON with `Content-Type: application/json`",
+    )
+}
+
+/// The 413 for a body whose `Content-Length` is over the limit, refused before it is read.
+pub(crate) fn body_too_large(length: usize, limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "body_too_large",
+        format!("the body is {length} bytes; the limit is {limit}"),
+    )
+}
+
 /// The 413 every service answers for a body over the configured limit.
-fn too_large(limit: usize) -> ApiError {
+pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request_error",

@@ -1,5 +1,12 @@
-//! Routes every Ferrite process serves (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`) and
-//! the request middleware that traces and measures each request.
+//! Routes every Ferrite process serves (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`), the
+//! request middleware that traces and measures each request, and what every service's routes are
+//! built from: [`endpoint`]s and the [`Json`] body extractor.
+
+mod endpoint;
+mod json;
+
+pub use endpoint::{Endpoint, endpoint};
+pub use json::{Json, JsonLimit, from_slice};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -113,10 +120,10 @@ async fn openapi(document: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse 
 }
 
 pub fn operation_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/openapi.json", web::get().to(openapi));
+    cfg.service(endpoint("/healthz").get(healthz))
+        .service(endpoint("/readyz").get(readyz))
+        .service(endpoint("/metrics").get(metrics))
+        .service(endpoint("/openapi.json").get(openapi));
 }
 
 #[derive(utoipa::OpenApi)]

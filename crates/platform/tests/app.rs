@@ -1,14 +1,22 @@
 //! The HTTP application against real Postgres, RabbitMQ and s3s-fs: migrations, readiness,
-//! auth, errors, events through the outbox and graceful shutdown.
+//! auth, errors, JSON bodies and methods, events through the outbox and graceful shutdown.
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::app::{ADMIN_TOKEN, spawn_app, spawn_app_on};
-use common::{PrivateRabbit, eventually};
+use actix_web::HttpResponse;
+use common::app::{ADMIN_TOKEN, Probe, TestApp, spawn_app, spawn_app_on, spawn_modules, test_env};
+use common::{PrivateRabbit, TestDatabase, eventually};
+use ferrite_platform::app::Mounted;
+use ferrite_platform::http::{Json, endpoint};
+use ferrite_platform::{ServiceContext, ServiceModule};
 use reqwest::{Method, StatusCode};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use sqlx::migrate::Migrator;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -249,6 +257,17 @@ async fn an_event_emitted_over_http_is_consumed_once() {
     app.stop().await;
 }
 
+/// The text `/metrics` answers.
+async fn metrics(app: &TestApp) -> String {
+    let response = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("answers");
+    response.text().await.expect("text")
+}
+
 #[tokio::test]
 async fn operations_routes_answer_and_metrics_count_requests() {
     let app = spawn_app(&[]).await;
@@ -275,13 +294,7 @@ async fn operations_routes_answer_and_metrics_count_requests() {
     );
     assert!(openapi["paths"]["/readyz"].is_object());
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("answers");
-    let text = metrics.text().await.expect("text");
+    let text = metrics(&app).await;
     // Exactly one /healthz request was made above, so the counter reads 1.
     assert!(
         text.contains(
@@ -355,4 +368,314 @@ async fn a_revoked_bootstrap_admin_token_stays_revoked_after_a_restart() {
         .await;
     assert_eq!(after.expect("answers").status(), StatusCode::UNAUTHORIZED);
     again.stop().await;
+}
+
+/// A service whose routes take nested JSON through the platform's extractor: `/v1/runs` serves
+/// GET and POST, `/v1/runs/{id}` GET and DELETE.
+struct Runs;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunSpec {
+    name: String,
+    hyper_parameters: HyperParameters,
+    #[serde(default)]
+    datasets: Vec<DatasetUse>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HyperParameters {
+    lr: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetUse {
+    reference: String,
+    #[serde(default)]
+    role: DatasetRole,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DatasetRole {
+    #[default]
+    Train,
+    Eval,
+}
+
+#[async_trait::async_trait]
+impl ServiceModule for Runs {
+    fn name(&self) -> &'static str {
+        "runs"
+    }
+
+    fn schema(&self) -> &'static str {
+        "runs"
+    }
+
+    fn migrator(&self) -> Option<Migrator> {
+        None
+    }
+
+    async fn mount(&self, _ctx: ServiceContext) -> anyhow::Result<Mounted> {
+        Ok(Mounted::routes(
+            Arc::new(|cfg| {
+                cfg.service(endpoint("/v1/runs").get(list_runs).post(create_run))
+                    .service(endpoint("/v1/runs/{id}").get(list_runs).delete(list_runs));
+            }),
+            utoipa::openapi::OpenApi::default(),
+        ))
+    }
+}
+
+/// Echoes what it parsed, so a test sees every field arrive.
+async fn create_run(spec: Json<RunSpec>) -> HttpResponse {
+    let datasets: Vec<Value> = spec
+        .datasets
+        .iter()
+        .map(|dataset| json!([dataset.reference, format!("{:?}", dataset.role)]))
+        .collect();
+    HttpResponse::Created().json(json!({
+        "name": spec.name, "lr": spec.hyper_parameters.lr, "datasets": datasets,
+    }))
+}
+
+async fn list_runs() -> HttpResponse {
+    HttpResponse::Ok().json(json!([]))
+}
+
+/// The probe service and [`Runs`] on a fresh database, with `extra` settings.
+async fn spawn_runs(extra: &[(String, String)]) -> TestApp {
+    let database = TestDatabase::create().await;
+    let env = test_env(&database.name, extra);
+    let probe = Probe {
+        queue: format!("{}.probe", env["FERRITE_AMQP_EXCHANGE"]),
+        slow_entered: Arc::default(),
+    };
+    spawn_modules(database, env, vec![Box::new(probe), Box::new(Runs)]).await
+}
+
+/// POSTs `body` as it is, with `content_type`; returns the status and the JSON answer.
+async fn post_raw(
+    app: &TestApp,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn error_of(body: &Value) -> (&Value, &Value) {
+    (&body["error"]["code"], &body["error"]["param"])
+}
+
+#[tokio::test]
+async fn a_json_body_of_the_wrong_shape_is_refused_naming_the_path_of_the_value_at_fault() {
+    let app = spawn_runs(&[]).await;
+    let run = |extra: Value| {
+        let mut spec = json!({"name": "r1", "hyper_parameters": {"lr": 0.1}});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        spec
+    };
+
+    // Regression: these came back with serde's sentence and `param: null`.
+    let cases = [
+        (
+            run(json!({"hyper_parameters": {"lr": "fast"}})),
+            "hyper_parameters.lr",
+        ),
+        // The second dataset (index 1) holds the unknown role.
+        (
+            run(json!({"datasets": [{"reference": "a"}, {"reference": "b", "role": "test"}]})),
+            "datasets[1].role",
+        ),
+        (
+            run(json!({"datasets": [{"reference": 7}]})),
+            "datasets[0].reference",
+        ),
+        // Missing, unknown and repeated fields are named inside their object.
+        (run(json!({"hyper_parameters": {}})), "hyper_parameters.lr"),
+        (
+            run(json!({"hyper_parameters": {"lr": 0.1, "epochs": 3}})),
+            "hyper_parameters.epochs",
+        ),
+        (run(json!({"name": ["r1"]})), "name"),
+    ];
+    for (spec, param) in cases {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/v1/runs",
+                Some(ADMIN_TOKEN),
+                Some(spec.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{spec} -> {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(error_of(&body), (&json!("invalid_value"), &json!(param)));
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(param), "the message names it: {message}");
+    }
+
+    // A field repeated in the raw text, which `json!` cannot write.
+    let repeated = r#"{"name": "r1", "hyper_parameters": {"lr": 0.1, "lr": 0.2}}"#;
+    let (status, body) = post_raw(&app, "/v1/runs", "application/json", repeated).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["param"], "hyper_parameters.lr");
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/runs",
+            Some(ADMIN_TOKEN),
+            Some(run(
+                json!({"datasets": [{"reference": "b", "role": "eval"}]}),
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["datasets"], json!([["b", "Eval"]]));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_json_syntax_error_names_its_line_and_column_and_the_limits_still_hold() {
+    // 1024 bytes is the smallest limit the settings accept.
+    let app = spawn_runs(&[("FERRITE_HTTP_JSON_LIMIT_BYTES".into(), "1024".into())]).await;
+
+    // Line 2 is ` "datasets": [}`: the `}` at its 15th character cannot start a value.
+    let broken = "{\"name\": \"r1\",\n \"datasets\": [}";
+    let (status, body) = post_raw(&app, "/v1/runs", "application/json", broken).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        error_of(&body),
+        (&json!("invalid_json"), &json!("line 2, column 15"))
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("line 2 column 15"), "{message}");
+
+    // 2048 bytes declared in `Content-Length` are refused before they are read...
+    let padded = format!(
+        r#"{{"name": "{}", "hyper_parameters": {{"lr": 0.1}}}}"#,
+        "x".repeat(2000)
+    );
+    let (status, body) = post_raw(&app, "/v1/runs", "application/json", padded.clone()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "body_too_large");
+    // ...and so are they when streamed without a length, counted as they arrive.
+    let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(padded)];
+    let stream = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let (status, body) = post_raw(&app, "/v1/runs", "application/json", stream).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        body["error"]["message"],
+        "the body exceeds the limit of 1024 bytes"
+    );
+
+    // The same code as actix's `web::Json` answers on the probe route, as before.
+    let valid = r#"{"name": "r1", "hyper_parameters": {"lr": 0.1}}"#;
+    for path in ["/v1/runs", "/v1/probe/events"] {
+        let (status, body) = post_raw(&app, path, "text/plain", valid).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(body["error"]["code"], "invalid_content_type", "{path}");
+    }
+    let (status, _) = post_raw(&app, "/v1/runs", "application/merge-patch+json", valid).await;
+    assert_eq!(status, StatusCode::CREATED, "a +json type is JSON");
+
+    // A gzip body is inflated as actix's extractors inflate it.
+    let compressed = {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(valid.as_bytes()).expect("gzip in memory");
+        encoder.finish().expect("gzip in memory")
+    };
+    let response = app
+        .client
+        .post(app.url("/v1/runs"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(compressed)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    app.stop().await;
+}
+
+/// The methods an `Allow` header lists, in any order.
+fn allowed(response: &reqwest::Response) -> BTreeSet<String> {
+    response
+        .headers()
+        .get("allow")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .map(|method| method.trim().to_owned())
+        .filter(|method| !method.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_method_a_path_does_not_serve_is_a_405_naming_those_it_does() {
+    let app = spawn_runs(&[]).await;
+    let cases = [
+        (Method::DELETE, "/v1/runs", &["GET", "POST"][..]),
+        (Method::POST, "/v1/runs/7", &["GET", "DELETE"][..]),
+        (Method::PUT, "/v1/auth/tokens", &["GET", "POST"][..]),
+        (Method::POST, "/healthz", &["GET"][..]),
+    ];
+    for (method, path, expected) in cases {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        let expected: BTreeSet<String> = expected.iter().map(|m| (*m).to_owned()).collect();
+        assert_eq!(allowed(&response), expected, "{method} {path}");
+        let body: Value = response.json().await.expect("a JSON error");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+
+    // A path nothing serves stays a 404, whatever the method.
+    for (method, path) in [
+        (Method::DELETE, "/v1/nothing-here"),
+        (Method::GET, "/v1/runs/7/x"),
+    ] {
+        let (status, body) = app.call(method, path, Some(ADMIN_TOKEN), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(body["error"]["code"], "route_not_found");
+    }
+
+    // The 405 is counted under the route's pattern, which keeps metric labels bounded: one
+    // POST to `/v1/runs/7` above.
+    let metrics = metrics(&app).await;
+    assert!(
+        metrics.contains(
+            r#"ferrite_http_requests_total{method="POST",route="/v1/runs/{id}",status="405"} 1"#
+        ),
+        "{metrics}"
+    );
+    app.stop().await;
 }

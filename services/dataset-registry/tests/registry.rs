@@ -426,6 +426,44 @@ async fn reading_needs_a_token_and_the_routes_are_documented() {
 }
 
 #[tokio::test]
+async fn a_wrong_method_is_a_405_naming_the_served_ones_and_a_wrong_type_names_its_field() {
+    let registry = spawn(&[]).await;
+    let cases = [
+        (Method::DELETE, "/v1/datasets", "GET"),
+        (Method::PATCH, "/v1/datasets/qa/aliases/prod", "PUT, DELETE"),
+        (Method::PUT, "/v1/datasets/qa/versions", "GET, POST"),
+    ];
+    for (method, path, served) in cases {
+        let (status, body) = registry.call(method.clone(), path, None).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        // The order the routes register them in (`routes::configure`), as in `Allow`.
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.ends_with(&format!("it serves {served}")),
+            "{message}"
+        );
+    }
+    let (status, _) = registry.get("/v1/datasets/qa/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an unknown path stays a 404");
+
+    // Regression: a field of the wrong type came back with `param: null`. The check on the
+    // version comes after the body is parsed, so any id does.
+    let id = uuid::Uuid::nil();
+    let (status, body) = registry
+        .call(
+            Method::POST,
+            &format!("/v1/datasets/versions/{id}/split"),
+            Some(json!({"eval_fraction": "a fifth", "seed": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "eval_fraction");
+    assert_eq!(body["error"]["code"], "invalid_value");
+    registry.stop().await;
+}
+
+#[tokio::test]
 #[ignore = "needs data/ from scripts/fetch-data.sh"]
 async fn the_real_instruction_and_chat_data_upload_with_their_record_counts() {
     let registry = spawn(&[]).await;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 use ferrite_platform::app::Mounted;
+use ferrite_platform::http::endpoint;
 use ferrite_platform::{ServiceContext, ServiceModule};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -93,31 +94,21 @@ impl ServiceModule for InferenceGateway {
         Ok(Mounted {
             routes: Arc::new(move |cfg| {
                 cfg.app_data(gateway.clone())
-                    .route("/v1/models", web::get().to(routes::openai::list_models))
-                    .route(
-                        "/v1/models/{model}",
-                        web::get().to(routes::openai::get_model),
+                    .service(endpoint("/v1/models").get(routes::openai::list_models))
+                    .service(endpoint("/v1/models/{model}").get(routes::openai::get_model))
+                    .service(endpoint("/v1/completions").post(routes::openai::completions))
+                    .service(
+                        endpoint("/v1/chat/completions").post(routes::openai::chat_completions),
                     )
-                    .route(
-                        "/v1/completions",
-                        web::post().to(routes::openai::completions),
+                    .service(
+                        endpoint("/v1/deployments")
+                            .post(routes::deployments::create)
+                            .get(routes::deployments::list),
                     )
-                    .route(
-                        "/v1/chat/completions",
-                        web::post().to(routes::openai::chat_completions),
-                    )
-                    .route(
-                        "/v1/deployments",
-                        web::post().to(routes::deployments::create),
-                    )
-                    .route("/v1/deployments", web::get().to(routes::deployments::list))
-                    .route(
-                        "/v1/deployments/{name}",
-                        web::get().to(routes::deployments::get),
-                    )
-                    .route(
-                        "/v1/deployments/{name}",
-                        web::delete().to(routes::deployments::delete),
+                    .service(
+                        endpoint("/v1/deployments/{name}")
+                            .get(routes::deployments::get)
+                            .delete(routes::deployments::delete),
                     );
             }),
             openapi: <Api as utoipa::OpenApi>::openapi(),

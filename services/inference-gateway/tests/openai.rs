@@ -356,6 +356,43 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
         assert_eq!(status, 400, "{raw}");
         assert_eq!(body["error"]["type"], "invalid_request_error");
     }
+    // The body ends after the space that follows the colon, the 10th character of line 1.
+    let (_, body) = post_raw(&gateway, "{\"model\": ".to_owned()).await;
+    assert_eq!(body["error"]["param"], "line 1, column 10", "{body}");
+
+    // Regression: a bad message was blamed on `messages` as a whole. Index 1 is the second
+    // message, the one whose content is a number and whose role is unknown.
+    let first = json!({"role": "user", "content": "the cat"});
+    for (second, param) in [
+        (json!({"role": "user", "content": 5}), "messages[1].content"),
+        (
+            json!({"role": "root", "content": "sat"}),
+            "messages[1].role",
+        ),
+    ] {
+        let (status, body) = gateway
+            .post(
+                "/v1/chat/completions",
+                ADMIN_TOKEN,
+                &json!({"model": MODEL, "messages": [first, second]}),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), &body["error"]["param"]),
+            (400, &json!(param)),
+            "{body}"
+        );
+        assert_eq!(body["error"]["code"], "invalid_value");
+    }
+
+    // The OpenAI routes are POST only: GET is a 405 that says so, not a 404.
+    let (status, headers, text) = gateway
+        .send(Method::GET, "/v1/chat/completions", ADMIN_TOKEN, None)
+        .await;
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(headers["allow"], "POST");
+    let body: Value = serde_json::from_str(&text).expect("a JSON error");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
 
     // u64::MAX tokens asked: the prompt plus it overflowed usize and panicked the worker; it
     // must be the 400 naming the field, for both spellings of the field.

@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use ferrite_platform::amqp::outbox;
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::{Json, endpoint};
 use ferrite_platform::peers::Peers;
 use ferrite_platform::{ApiError, Settings};
 use ferrite_proto::JobRequested;
@@ -29,13 +30,12 @@ pub struct JobsApi {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/jobs", web::post().to(create_job))
-        .route("/v1/jobs", web::get().to(list_jobs))
-        .route("/v1/jobs/{id}", web::get().to(get_job))
-        .route("/v1/jobs/{id}/metrics", web::get().to(job_metrics))
-        .route("/v1/jobs/{id}/logs", web::get().to(job_logs))
-        .route("/v1/jobs/{id}/checkpoints", web::get().to(job_checkpoints))
-        .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job));
+    cfg.service(endpoint("/v1/jobs").post(create_job).get(list_jobs))
+        .service(endpoint("/v1/jobs/{id}").get(get_job))
+        .service(endpoint("/v1/jobs/{id}/metrics").get(job_metrics))
+        .service(endpoint("/v1/jobs/{id}/logs").get(job_logs))
+        .service(endpoint("/v1/jobs/{id}/checkpoints").get(job_checkpoints))
+        .service(endpoint("/v1/jobs/{id}/cancel").post(cancel_job));
 }
 
 #[derive(utoipa::OpenApi)]
@@ -146,7 +146,7 @@ async fn existing(pool: &PgPool, id: Uuid) -> Result<store::JobRow, ApiError> {
 async fn create_job(
     principal: Principal,
     api: web::Data<JobsApi>,
-    body: web::Json<JobSpec>,
+    body: Json<JobSpec>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(&[Role::Engineer])?;
     let spec = body.into_inner();

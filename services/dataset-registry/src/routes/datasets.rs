@@ -4,6 +4,7 @@ use actix_web::error::PayloadError;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 
@@ -194,7 +195,7 @@ pub async fn set_alias(
     principal: Principal,
     state: web::Data<State>,
     path: web::Path<(String, String)>,
-    body: web::Json<AliasRequest>,
+    body: Json<AliasRequest>,
 ) -> Result<HttpResponse, RegistryError> {
     principal.require(&[Role::Engineer])?;
     let (name, alias) = path.into_inner();

@@ -4,6 +4,7 @@ pub mod datasets;
 pub mod versions;
 
 use actix_web::web;
+use ferrite_platform::http::endpoint;
 use ferrite_platform::peers::Peers;
 use ferrite_platform::settings::DatasetSettings;
 use ferrite_platform::storage::Storage;
@@ -20,47 +21,26 @@ pub struct State {
 
 /// Registers every route; fixed segments (`resolve`, `versions`) before `{name}`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/datasets", web::get().to(datasets::list))
-        .route(
-            "/v1/datasets/resolve/{reference}",
-            web::get().to(versions::resolve),
+    cfg.service(endpoint("/v1/datasets").get(datasets::list))
+        .service(endpoint("/v1/datasets/resolve/{reference}").get(versions::resolve))
+        .service(endpoint("/v1/datasets/versions/{id}").get(versions::show))
+        .service(endpoint("/v1/datasets/versions/{id}/content").get(versions::content))
+        .service(endpoint("/v1/datasets/versions/{id}/lineage").get(versions::lineage))
+        .service(endpoint("/v1/datasets/versions/{id}/split").post(versions::split))
+        .service(
+            endpoint("/v1/datasets/versions/{id}/stats")
+                .post(versions::token_stats)
+                .get(versions::list_token_stats),
         )
-        .route("/v1/datasets/versions/{id}", web::get().to(versions::show))
-        .route(
-            "/v1/datasets/versions/{id}/content",
-            web::get().to(versions::content),
+        .service(endpoint("/v1/datasets/{name}").get(datasets::show))
+        .service(
+            endpoint("/v1/datasets/{name}/versions")
+                .get(datasets::versions)
+                .post(datasets::upload),
         )
-        .route(
-            "/v1/datasets/versions/{id}/lineage",
-            web::get().to(versions::lineage),
-        )
-        .route(
-            "/v1/datasets/versions/{id}/split",
-            web::post().to(versions::split),
-        )
-        .route(
-            "/v1/datasets/versions/{id}/stats",
-            web::post().to(versions::token_stats),
-        )
-        .route(
-            "/v1/datasets/versions/{id}/stats",
-            web::get().to(versions::list_token_stats),
-        )
-        .route("/v1/datasets/{name}", web::get().to(datasets::show))
-        .route(
-            "/v1/datasets/{name}/versions",
-            web::get().to(datasets::versions),
-        )
-        .route(
-            "/v1/datasets/{name}/versions",
-            web::post().to(datasets::upload),
-        )
-        .route(
-            "/v1/datasets/{name}/aliases/{alias}",
-            web::put().to(datasets::set_alias),
-        )
-        .route(
-            "/v1/datasets/{name}/aliases/{alias}",
-            web::delete().to(datasets::delete_alias),
+        .service(
+            endpoint("/v1/datasets/{name}/aliases/{alias}")
+                .put(datasets::set_alias)
+                .delete(datasets::delete_alias),
         );
 }

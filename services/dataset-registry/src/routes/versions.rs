@@ -2,6 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::Json;
 use ferrite_platform::storage::ObjectKey;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -106,7 +107,7 @@ pub async fn split(
     principal: Principal,
     state: web::Data<State>,
     path: web::Path<Uuid>,
-    body: web::Json<SplitRequest>,
+    body: Json<SplitRequest>,
 ) -> Result<HttpResponse, RegistryError> {
     principal.require(&[Role::Engineer])?;
     let source = find(&state, *path).await?;
@@ -129,7 +130,7 @@ pub async fn token_stats(
     principal: Principal,
     state: web::Data<State>,
     path: web::Path<Uuid>,
-    body: web::Json<TokenStatsRequest>,
+    body: Json<TokenStatsRequest>,
 ) -> Result<HttpResponse, RegistryError> {
     principal.require(&[Role::Engineer])?;
     let version = find(&state, *path).await?;

@@ -1,5 +1,6 @@
-//! OpenAI request bodies, read field by field so every refusal names the field at fault, and
-//! turned into token ids plus one set of sampling parameters per choice.
+//! OpenAI request bodies, read field by field so every refusal names the field at fault by its
+//! full path (`messages[1].content`), and turned into token ids plus one set of sampling
+//! parameters per choice.
 
 use ferrite_model::generate::SamplingParams;
 use ferrite_model::tokenizer::{ChatMessage, Role};
@@ -12,15 +13,17 @@ use crate::engine::ModelInfo;
 /// Why a request was refused before generation started.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("the body is not valid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    /// Not JSON at all, refused as every JSON route refuses it, naming the line and column.
+    #[error("{0}")]
+    Json(ApiError),
     #[error("the body must be a JSON object")]
     NotAnObject,
     #[error("`{0}` is required")]
     Missing(&'static str),
     #[error("{message}")]
     Invalid {
-        param: &'static str,
+        /// The path of the value at fault, e.g. `stop[1]` or `messages[0].role`.
+        param: String,
         message: String,
     },
     #[error("the model `{0}` does not exist")]
@@ -47,9 +50,8 @@ impl From<RequestError> for ApiError {
     fn from(error: RequestError) -> Self {
         let message = error.to_string();
         match error {
-            RequestError::Json(_) | RequestError::NotAnObject => {
-                ApiError::invalid_request("invalid_json", message)
-            }
+            RequestError::Json(refusal) => refusal,
+            RequestError::NotAnObject => ApiError::invalid_request("invalid_json", message),
             RequestError::Missing(param) => {
                 ApiError::invalid_request("missing_field", message).with_param(param)
             }
@@ -87,24 +89,38 @@ pub struct Body(Map<String, Value>);
 impl Body {
     /// Parses bytes that must hold one JSON object.
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
-        match serde_json::from_slice(bytes).map_err(RequestError::Json)? {
+        match ferrite_platform::http::from_slice(bytes).map_err(RequestError::Json)? {
             Value::Object(map) => Ok(Self(map)),
             _ => Err(RequestError::NotAnObject),
         }
     }
 
-    /// The field as `T`; absent and `null` are both `None`.
+    /// The field as `T`; absent and `null` are both `None`. A value wrong inside the field
+    /// (the second of `stop: ["a", 3]`) is named by its path, `stop[1]`.
     fn get<T: DeserializeOwned>(
         &self,
         param: &'static str,
         expected: &str,
     ) -> Result<Option<T>, RequestError> {
-        match self.0.get(param) {
-            None | Some(Value::Null) => Ok(None),
-            Some(value) => T::deserialize(value)
-                .map(Some)
-                .map_err(|_| invalid(param, format!("`{param}` must be {expected}, got {value}"))),
-        }
+        let Some(value) = self.0.get(param).filter(|value| !value.is_null()) else {
+            return Ok(None);
+        };
+        serde_path_to_error::deserialize(value)
+            .map(Some)
+            .map_err(|error| {
+                let inside = error.path().to_string();
+                let at = match inside.as_str() {
+                    "." => param.to_owned(),
+                    index if index.starts_with('[') => format!("{param}{index}"),
+                    field => format!("{param}.{field}"),
+                };
+                let message = if at == param {
+                    format!("`{param}` must be {expected}, got {value}")
+                } else {
+                    format!("`{param}` must be {expected}; `{at}`: {}", error.inner())
+                };
+                invalid(at, message)
+            })
     }
 
     /// The deployment name clients put in `model`.
@@ -126,7 +142,7 @@ impl Body {
             None | Some(Value::Null) => Ok(false),
             Some(Value::Bool(include)) => Ok(*include),
             Some(other) => Err(invalid(
-                "stream_options",
+                "stream_options.include_usage",
                 format!("`stream_options.include_usage` must be a boolean, got {other}"),
             )),
         }
@@ -378,33 +394,66 @@ const MAX_CHOICES: u64 = 8;
 /// Most stop strings one request may give, as OpenAI allows.
 const MAX_STOPS: usize = 4;
 
-fn invalid(param: &'static str, message: String) -> RequestError {
-    RequestError::Invalid { param, message }
+fn invalid(param: impl Into<String>, message: String) -> RequestError {
+    RequestError::Invalid {
+        param: param.into(),
+        message,
+    }
 }
 
-/// One message: a role this template knows and text content (a string or text parts).
+/// One message: a role this template knows and text content (a string or text parts). A
+/// refusal names the message and its field, `messages[1].content`.
 fn chat_message(index: usize, message: &Value) -> Result<ChatMessage, RequestError> {
-    let bad = |what: String| invalid("messages", format!("`messages[{index}]` {what}"));
-    let role = match message.get("role").and_then(Value::as_str) {
-        Some("system" | "developer") => Role::System,
-        Some("user") => Role::User,
-        Some("assistant") => Role::Assistant,
-        Some(other) => return Err(bad(format!("has the unsupported role `{other}`"))),
-        None => return Err(bad("has no `role`".to_string())),
+    let at = format!("messages[{index}]");
+    let Some(message) = message.as_object() else {
+        return Err(invalid(
+            &at,
+            format!("`{at}` must be an object with `role` and `content`, got {message}"),
+        ));
     };
+    let role_at = format!("{at}.role");
+    let role = match message.get("role") {
+        Some(Value::String(role)) => match role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                let message = format!("`{role_at}` is the unsupported role `{other}`");
+                return Err(invalid(role_at, message));
+            }
+        },
+        Some(other) => {
+            let message = format!("`{role_at}` must be a string, got {other}");
+            return Err(invalid(role_at, message));
+        }
+        None => return Err(invalid(&role_at, format!("`{role_at}` is required"))),
+    };
+    let content_at = format!("{at}.content");
     let content = match message.get("content") {
         Some(Value::String(text)) => text.clone(),
         Some(Value::Array(parts)) => parts
             .iter()
-            .map(|part| match (part.get("type"), part.get("text")) {
-                (Some(Value::String(kind)), Some(Value::String(text))) if kind == "text" => {
-                    Ok(text.as_str())
-                }
-                _ => Err(bad("has a content part that is not text".to_string())),
-            })
+            .enumerate()
+            .map(
+                |(part_index, part)| match (part.get("type"), part.get("text")) {
+                    (Some(Value::String(kind)), Some(Value::String(text))) if kind == "text" => {
+                        Ok(text.as_str())
+                    }
+                    _ => {
+                        let part_at = format!("{content_at}[{part_index}]");
+                        let message = format!("`{part_at}` is not a text part, got {part}");
+                        Err(invalid(part_at, message))
+                    }
+                },
+            )
             .collect::<Result<Vec<&str>, _>>()?
             .concat(),
-        _ => return Err(bad("has no text `content`".to_string())),
+        Some(other) => {
+            let message =
+                format!("`{content_at}` must be a string or a list of text parts, got {other}");
+            return Err(invalid(content_at, message));
+        }
+        None => return Err(invalid(&content_at, format!("`{content_at}` is required"))),
     };
     Ok(ChatMessage::new(role, content))
 }
@@ -417,7 +466,7 @@ mod tests {
         Body::parse(json.as_bytes()).expect("an object")
     }
 
-    fn refused_param(result: Result<impl std::fmt::Debug, RequestError>) -> &'static str {
+    fn refused_param(result: Result<impl std::fmt::Debug, RequestError>) -> String {
         match result {
             Err(RequestError::Invalid { param, .. }) => param,
             other => panic!("expected an invalid field, got {other:?}"),
@@ -442,10 +491,14 @@ mod tests {
             Body::parse(b"[1, 2]"),
             Err(RequestError::NotAnObject)
         ));
-        assert!(matches!(
-            Body::parse(b"{\"model\":"),
-            Err(RequestError::Json(_))
-        ));
+        // The body ends after the colon, the 9th character of line 1.
+        match Body::parse(b"{\"model\":") {
+            Err(RequestError::Json(refusal)) => {
+                assert_eq!(refusal.body().code.as_deref(), Some("invalid_json"));
+                assert_eq!(refusal.body().param.as_deref(), Some("line 1, column 9"));
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -460,6 +513,51 @@ mod tests {
         );
         assert_eq!(refused_param(body(r#"{"stop": [""]}"#).stop()), "stop");
         assert_eq!(refused_param(body(r#"{"stop": 3}"#).stop()), "stop");
+        // The second string of the list is the number.
+        assert_eq!(
+            refused_param(body(r#"{"stop": ["a", 3]}"#).stop()),
+            "stop[1]"
+        );
+    }
+
+    #[test]
+    fn a_bad_message_is_named_by_its_index_and_field() {
+        let refused = |messages: &str| {
+            refused_param(body(&format!(r#"{{"messages": {messages}}}"#)).messages())
+        };
+        // Index 1 is the second message, the one at fault in each case.
+        let first = r#"{"role": "user", "content": "hi"}"#;
+        assert_eq!(
+            refused(&format!(r#"[{first}, {{"role": "user", "content": 5}}]"#)),
+            "messages[1].content"
+        );
+        assert_eq!(
+            refused(&format!(
+                r#"[{first}, {{"role": "root", "content": "hi"}}]"#
+            )),
+            "messages[1].role"
+        );
+        assert_eq!(
+            refused(&format!(r#"[{first}, {{"content": "hi"}}]"#)),
+            "messages[1].role"
+        );
+        assert_eq!(refused(&format!("[{first}, 5]")), "messages[1]");
+        assert_eq!(
+            refused(&format!(
+                r#"[{first}, {{"role": "user", "content": [{{"type": "text", "text": "a"}},
+                {{"type": "image_url"}}]}}]"#
+            )),
+            "messages[1].content[1]"
+        );
+    }
+
+    #[test]
+    fn include_usage_is_named_inside_stream_options() {
+        let body = body(r#"{"stream_options": {"include_usage": "yes"}}"#);
+        assert_eq!(
+            refused_param(body.include_usage()),
+            "stream_options.include_usage"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use actix_web::{HttpResponse, web};
 use ferrite_platform::ApiError;
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::Json;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -42,7 +43,7 @@ pub struct ListQuery {
 pub async fn create(
     principal: Principal,
     gateway: web::Data<Gateway>,
-    body: web::Json<CreateDeployment>,
+    body: Json<CreateDeployment>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(&[Role::Engineer])?;
     let body = body.into_inner();

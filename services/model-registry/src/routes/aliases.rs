@@ -8,6 +8,7 @@ use actix_web::{HttpResponse, web};
 use ferrite_platform::ApiError;
 use ferrite_platform::amqp::outbox;
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::Json;
 use ferrite_proto::AliasMoved;
 use serde::Deserialize;
 use sqlx::{Postgres, Transaction};
@@ -75,7 +76,7 @@ pub async fn set_alias(
     principal: Principal,
     state: web::Data<RegistryState>,
     path: web::Path<(String, String)>,
-    body: web::Json<SetAlias>,
+    body: Json<SetAlias>,
 ) -> Result<HttpResponse, ApiError> {
     let (mut tx, model, alias) = begin(&principal, &state, &path).await?;
     let target = selected_version(&mut tx, &model, &body.version).await?;

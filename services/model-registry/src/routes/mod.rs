@@ -8,6 +8,7 @@ pub mod versions;
 
 use actix_web::web;
 use ferrite_platform::auth::{Principal, Role};
+use ferrite_platform::http::endpoint;
 use ferrite_platform::peers::Peers;
 use ferrite_platform::storage::Storage;
 use sqlx::PgPool;
@@ -28,33 +29,27 @@ fn require_engineer(principal: &Principal) -> Result<(), ferrite_platform::ApiEr
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1/registry")
-            .route("/models", web::post().to(models::create_model))
-            .route("/models", web::get().to(models::list_models))
-            .route("/models/{name}", web::get().to(models::get_model))
-            .route(
-                "/models/{name}/versions",
-                web::get().to(models::list_versions),
+            .service(
+                endpoint("/models")
+                    .post(models::create_model)
+                    .get(models::list_models),
             )
-            .route(
-                "/models/{name}/versions",
-                web::post().to(models::register_version),
+            .service(endpoint("/models/{name}").get(models::get_model))
+            .service(
+                endpoint("/models/{name}/versions")
+                    .get(models::list_versions)
+                    .post(models::register_version),
             )
-            .route("/models/{name}/uploads", web::post().to(uploads::upload))
-            .route(
-                "/models/{name}/aliases/{alias}",
-                web::put().to(aliases::set_alias),
+            .service(endpoint("/models/{name}/uploads").post(uploads::upload))
+            .service(
+                endpoint("/models/{name}/aliases/{alias}")
+                    .put(aliases::set_alias)
+                    .delete(aliases::delete_alias),
             )
-            .route(
-                "/models/{name}/aliases/{alias}",
-                web::delete().to(aliases::delete_alias),
-            )
-            .route("/versions/{id}", web::get().to(versions::get_version))
-            .route("/versions/{id}/files", web::get().to(versions::list_files))
-            .route(
-                "/versions/{id}/files/{path:.*}",
-                web::get().to(versions::download_file),
-            )
-            .route("/versions/{id}/lineage", web::get().to(lineage::lineage))
-            .route("/resolve/{reference}", web::get().to(versions::resolve)),
+            .service(endpoint("/versions/{id}").get(versions::get_version))
+            .service(endpoint("/versions/{id}/files").get(versions::list_files))
+            .service(endpoint("/versions/{id}/files/{path:.*}").get(versions::download_file))
+            .service(endpoint("/versions/{id}/lineage").get(lineage::lineage))
+            .service(endpoint("/resolve/{reference}").get(versions::resolve)),
     );
 }

@@ -1,0 +1,272 @@
+//! The JSON body extractor of every route: a refusal names the path of the value at fault.
+
+use std::ops::{Deref, DerefMut};
+
+use actix_web::body::{BodyStream, to_bytes_limited};
+use actix_web::dev::{Decompress, Payload};
+use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use bytes::Bytes;
+use futures::future::LocalBoxFuture;
+use serde::de::DeserializeOwned;
+use serde_json::error::Category;
+use serde_path_to_error::Path;
+
+use crate::error::{
+    ApiError, body_too_large, field_in_message, not_json, payload_error, syntax_error, too_large,
+};
+
+/// The largest JSON body a route reads, in bytes (`http.json_limit_bytes`). [`Json`] reads it
+/// from the app data, where [`crate::Application`] puts it.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonLimit(pub usize);
+
+/// A request body of `application/json` (or any `+json` type) parsed as `T`.
+///
+/// Unlike actix's `web::Json`, a value of the wrong type is refused with its full path as
+/// `param` (`hyper_parameters.lr`, `messages[1].content`) rather than with serde's sentence
+/// alone, which says what was wrong but not where. A body over [`JsonLimit`] is a 413, one of
+/// another content type a 400 `invalid_content_type`, and one that is not JSON a 400 naming
+/// the line and column.
+#[derive(Debug)]
+pub struct Json<T>(pub T);
+
+impl<T> Json<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> Deref for Json<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for Json<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let checked = admit(req);
+        // Gzip and deflate bodies are inflated as actix's own extractors do; the limit applies
+        // to the inflated bytes.
+        let stream = Decompress::from_headers(payload.take(), req.headers());
+        Box::pin(async move {
+            let limit = checked?;
+            let bytes = read(stream, limit).await?;
+            from_slice(&bytes).map(Json)
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("a route reads a JSON body, but the application registers no `JsonLimit`")]
+struct NoLimit;
+
+/// Everything that can be refused before reading: the content type, then a `Content-Length`
+/// over the limit. Returns the limit to read under.
+fn admit(req: &HttpRequest) -> Result<usize, ApiError> {
+    let limit = req
+        .app_data::<JsonLimit>()
+        .ok_or_else(|| ApiError::internal(&NoLimit))?
+        .0;
+    // No `Content-Type` at all is refused too: a form-encoded body sent without one would
+    // otherwise be reported as a JSON syntax error.
+    let json = match req.mime_type() {
+        Ok(Some(mime)) => mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"),
+        _ => false,
+    };
+    if !json {
+        return Err(not_json());
+    }
+    // An unreadable `Content-Length` is left to the read, which counts the bytes themselves.
+    let length = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    match length {
+        Some(length) if length > limit => Err(body_too_large(length, limit)),
+        _ => Ok(limit),
+    }
+}
+
+async fn read(stream: Decompress<Payload>, limit: usize) -> Result<Bytes, ApiError> {
+    match to_bytes_limited(BodyStream::new(stream), limit).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(error)) => Err(payload_error(&actix_web::Error::from(error), limit)),
+        Err(_over_the_limit) => Err(too_large(limit)),
+    }
+}
+
+/// Parses a whole body as `T`, trailing input refused as `serde_json::from_slice` refuses it.
+/// A syntax error is a 400 `invalid_json` naming its line and column; a value of the wrong
+/// type, a missing, unknown or repeated field a 400 `invalid_value` naming its path.
+pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let inner = error.inner();
+        if inner.classify() == Category::Data {
+            value_error(error.path(), inner)
+        } else {
+            syntax_error(inner)
+        }
+    })?;
+    deserializer.end().map_err(|error| syntax_error(&error))?;
+    Ok(value)
+}
+
+fn value_error(path: &Path, error: &serde_json::Error) -> ApiError {
+    let message = error.to_string();
+    match param(path, &message) {
+        Some(param) => ApiError::invalid_request("invalid_value", format!("`{param}`: {message}"))
+            .with_param(param),
+        None => ApiError::invalid_request("invalid_value", format!("invalid body: {message}")),
+    }
+}
+
+/// The full path of the value at fault, or `None` when it is the body itself. A missing or
+/// repeated field was never entered, so the path ends at its object and serde's message names
+/// the field; an unknown field was entered, so the path already ends with it.
+fn param(path: &Path, message: &str) -> Option<String> {
+    let object = path.iter().next().is_some().then(|| path.to_string());
+    let field = field_in_message(message).filter(|_| !message.starts_with("unknown field"));
+    match (object, field) {
+        (Some(object), Some(field)) => Some(format!("{object}.{field}")),
+        (object, field) => object.or(field),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use actix_web::http::StatusCode;
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "only deserialised")]
+    struct Job {
+        kind: String,
+        #[serde(default)]
+        hyper_parameters: Option<HyperParameters>,
+        #[serde(default)]
+        messages: Vec<Message>,
+        #[serde(default)]
+        labels: BTreeMap<String, u32>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "only deserialised")]
+    struct HyperParameters {
+        lr: f64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[expect(dead_code, reason = "only deserialised")]
+    struct Message {
+        role: Role,
+        content: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Role {
+        User,
+    }
+
+    fn refusal(body: &str) -> ApiError {
+        from_slice::<Job>(body.as_bytes()).expect_err("refused")
+    }
+
+    fn param(body: &str) -> Option<String> {
+        refusal(body).body().param.clone()
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_full_path() {
+        let error = refusal(r#"{"kind": "sft", "hyper_parameters": {"lr": "fast"}}"#);
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(error.body().code.as_deref(), Some("invalid_value"));
+        assert_eq!(error.body().param.as_deref(), Some("hyper_parameters.lr"));
+        let message = &error.body().message;
+        assert!(
+            message.starts_with("`hyper_parameters.lr`: invalid type: string \"fast\""),
+            "the message says where and what: {message}"
+        );
+        // The second message (index 1), not the first, holds the number.
+        let messages = r#"{"kind": "sft", "messages": [{"role": "user", "content": "hi"},
+            {"role": "user", "content": 5}]}"#;
+        assert_eq!(param(messages).as_deref(), Some("messages[1].content"));
+        let role = r#"{"kind": "sft", "messages": [{"role": "root", "content": "hi"}]}"#;
+        assert_eq!(param(role).as_deref(), Some("messages[0].role"));
+        assert_eq!(
+            param(r#"{"kind": "sft", "labels": {"tier": "gold"}}"#).as_deref(),
+            Some("labels.tier")
+        );
+    }
+
+    #[test]
+    fn missing_unknown_and_repeated_fields_are_named_inside_their_object() {
+        assert_eq!(
+            param(r#"{"kind": "sft", "hyper_parameters": {}}"#).as_deref(),
+            Some("hyper_parameters.lr")
+        );
+        assert_eq!(
+            param(r#"{"kind": "sft", "hyper_parameters": {"lr": 1, "epochs": 2}}"#).as_deref(),
+            Some("hyper_parameters.epochs")
+        );
+        assert_eq!(
+            param(r#"{"kind": "sft", "hyper_parameters": {"lr": 1, "lr": 2}}"#).as_deref(),
+            Some("hyper_parameters.lr")
+        );
+        // A field named like its object is still appended: the path stops at the object.
+        assert_eq!(
+            param(r#"{"kind": "sft", "messages": [{"content": "hi"}]}"#).as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(param("{}").as_deref(), Some("kind"));
+        assert_eq!(
+            param(r#"{"kind": "sft", "epochs": 3}"#).as_deref(),
+            Some("epochs")
+        );
+    }
+
+    #[test]
+    fn a_body_of_the_wrong_shape_names_no_param() {
+        let error = refusal(r#""sft""#);
+        assert_eq!(error.body().code.as_deref(), Some("invalid_value"));
+        assert_eq!(error.body().param, None, "the body itself is at fault");
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line_and_column() {
+        // The body ends before the value of `kind`; serde_json reports the last character it
+        // read, the space after the colon: the 8th of line 2 (`"kind": `).
+        let error = refusal("{\n\"kind\": ");
+        assert_eq!(error.body().code.as_deref(), Some("invalid_json"));
+        assert_eq!(error.body().param.as_deref(), Some("line 2, column 8"));
+        assert!(
+            error.body().message.contains("line 2 column 8"),
+            "{}",
+            error.body().message
+        );
+        // Input after the object is refused as serde_json::from_slice refuses it: the `x`
+        // at column 17 of line 1.
+        let trailing = refusal(r#"{"kind": "sft"} x"#);
+        assert_eq!(trailing.body().param.as_deref(), Some("line 1, column 17"));
+    }
+}
