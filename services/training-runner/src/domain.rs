@@ -5,6 +5,7 @@
 //! trains on exactly the versions the engineer saw accepted, even if an alias moves meanwhile.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 
 use ferrite_training::job::{DatasetRole, JobKind};
@@ -35,6 +36,11 @@ pub struct JobSpec {
     /// Attempts in all before the job fails; the runner's setting when absent.
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Checkpoints kept in storage, the newest by step; each new one deletes those beyond
+    /// (Hugging Face's `save_total_limit`). Every checkpoint is kept when absent.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub keep_checkpoints: Option<u32>,
 }
 
 /// A dataset named by reference, with what the job uses it for.
@@ -80,6 +86,10 @@ pub struct ResolvedJob {
     pub hyper_parameters: serde_json::Value,
     pub resources: Resources,
     pub output_model_name: String,
+    /// How many checkpoints the worker keeps; `None` keeps every one, as do jobs stored
+    /// before the option existed (their JSON has no such key).
+    #[serde(default)]
+    pub keep_checkpoints: Option<NonZeroU32>,
 }
 
 /// Where a job is in its life.
@@ -162,6 +172,17 @@ mod tests {
         let spec = serde_json::json!({"kind": "pretrain", "epochs": 3});
         let error = serde_json::from_value::<JobSpec>(spec).expect_err("unknown field");
         assert!(error.to_string().contains("epochs"), "{error}");
+    }
+
+    #[test]
+    fn a_job_stored_before_retention_existed_keeps_every_checkpoint() {
+        // A `resolved` column as submissions wrote it before `keep_checkpoints` existed.
+        let stored = serde_json::json!({
+            "kind": "pretrain", "base_model": null, "datasets": [],
+            "hyper_parameters": {}, "resources": {}, "output_model_name": "tiny-lm",
+        });
+        let job: ResolvedJob = serde_json::from_value(stored).expect("an old job still loads");
+        assert_eq!(job.keep_checkpoints, None);
     }
 
     #[test]

@@ -88,6 +88,7 @@ mod tests {
             hyper_parameters: serde_json::json!({}),
             resources: Default::default(),
             output_model_name: "tiny-lm".into(),
+            keep_checkpoints: None,
         }
     }
 

@@ -1,11 +1,12 @@
 //! The worker's [`JobObserver`]: metrics in batches, throttled progress events, checkpoints
-//! uploaded before the trainer goes on, and the answer to "should I stop?".
+//! uploaded (and old ones pruned) before the trainer goes on, and the answer to "should I stop?".
 //!
 //! The trainer calls it from a blocking thread; each call that needs Postgres or the store
 //! blocks that thread on the worker's runtime, which is what the trainer expects (a checkpoint
 //! is in storage when `checkpoint` returns).
 
 use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +15,11 @@ use std::time::{Duration, Instant};
 use ferrite_platform::amqp::outbox;
 use ferrite_proto::JobProgress;
 use ferrite_training::job::JobObserver;
+use sqlx::PgConnection;
 use tokio::runtime::Handle;
 
 use crate::events;
-use crate::store::{self, MetricValue};
+use crate::store::{self, CheckpointRow, MetricValue};
 use crate::transfer;
 use crate::worker::Attempt;
 
@@ -39,6 +41,8 @@ pub struct Flags {
 pub struct RunObserver {
     attempt: Attempt,
     flags: Flags,
+    /// The job's `keep_checkpoints`; `None` keeps every checkpoint.
+    keep_checkpoints: Option<NonZeroU32>,
     runtime: Handle,
     pending: Vec<MetricValue>,
     progress: (u64, u64),
@@ -49,10 +53,11 @@ pub struct RunObserver {
 
 impl RunObserver {
     /// Must be built on the worker's runtime (it keeps a handle to it).
-    pub fn new(attempt: Attempt, flags: Flags) -> Self {
+    pub fn new(attempt: Attempt, flags: Flags, keep_checkpoints: Option<NonZeroU32>) -> Self {
         Self {
             attempt,
             flags,
+            keep_checkpoints,
             runtime: Handle::current(),
             pending: Vec::new(),
             progress: (0, 0),
@@ -132,13 +137,64 @@ impl RunObserver {
         store::insert_checkpoint(&mut tx, id, number, step, &prefix, bytes).await?;
         let line = format!("checkpoint of step {step} written to {prefix} ({bytes} bytes)");
         store::log(&mut tx, id, Some(number), "info", &line).await?;
+        let pruned = self.prune_rows(&mut tx).await?;
         tx.commit().await?;
         tracing::info!(step, object.prefix = %prefix, size_bytes = bytes, "checkpoint written");
         // The trainer's local copy is in storage now; the disk need not hold every step.
         if let Err(error) = tokio::fs::remove_dir_all(dir).await {
             tracing::warn!(error = %error, "cannot remove the local checkpoint copy");
         }
+        self.delete_pruned(&pruned).await;
         Ok(())
+    }
+
+    /// Deletes the rows of the checkpoints beyond the job's retention, in the transaction that
+    /// records the newest (which is never among them), and names them in the job log.
+    async fn prune_rows(&self, tx: &mut PgConnection) -> anyhow::Result<Vec<CheckpointRow>> {
+        let Some(keep) = self.keep_checkpoints else {
+            return Ok(Vec::new());
+        };
+        let (id, number) = (self.attempt.job_id, self.attempt.number);
+        let pruned = store::prune_checkpoints(tx, id, keep).await?;
+        if !pruned.is_empty() {
+            let steps: Vec<String> = pruned.iter().map(|c| c.step.to_string()).collect();
+            let line = format!(
+                "checkpoints of steps {} removed: keep_checkpoints is {keep}",
+                steps.join(", ")
+            );
+            store::log(tx, id, Some(number), "info", &line).await?;
+        }
+        Ok(pruned)
+    }
+
+    /// Deletes the objects of pruned checkpoints, after their rows are committed away. Best
+    /// effort: a failure leaves orphaned objects, never a row pointing at deleted data.
+    // TODO: nothing sweeps orphaned checkpoint objects later (a failed delete, or a worker killed
+    // between the commit and this call, leaves them); they take storage until removed by hand.
+    async fn delete_pruned(&self, pruned: &[CheckpointRow]) {
+        for checkpoint in pruned {
+            let (step, prefix) = (checkpoint.step, &checkpoint.prefix);
+            match transfer::delete_prefix(&self.attempt.storage, prefix).await {
+                Ok(objects) => {
+                    tracing::info!(
+                        step, object.prefix = %prefix, objects,
+                        "pruned checkpoint deleted"
+                    );
+                }
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    tracing::warn!(
+                        step, object.prefix = %prefix, error,
+                        "cannot delete a pruned checkpoint"
+                    );
+                    let line = format!(
+                        "the objects of the pruned checkpoint of step {step} stay orphaned under \
+                         {prefix}: {error}"
+                    );
+                    self.attempt.log("warn", &line).await;
+                }
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! Postgres's `now()`, never from a worker's clock.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -517,6 +518,28 @@ pub async fn insert_checkpoint(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Deletes the rows of job `id`'s checkpoints beyond the newest `keep` by step and returns
+/// them, oldest first. It runs in the transaction that records the newest checkpoint, before
+/// any object is deleted, so no reader ever finds a row whose objects are gone.
+pub async fn prune_checkpoints(
+    tx: &mut PgConnection,
+    id: Uuid,
+    keep: NonZeroU32,
+) -> sqlx::Result<Vec<CheckpointRow>> {
+    let mut pruned: Vec<CheckpointRow> = sqlx::query_as(
+        "DELETE FROM checkpoints WHERE job_id = $1 AND step IN (
+             SELECT step FROM checkpoints WHERE job_id = $1 ORDER BY step DESC OFFSET $2)
+         RETURNING step, attempt, prefix, bytes, created_at",
+    )
+    .bind(id)
+    .bind(i64::from(keep.get()))
+    .fetch_all(tx)
+    .await?;
+    // RETURNING has no order of its own.
+    pruned.sort_by_key(|checkpoint| checkpoint.step);
+    Ok(pruned)
 }
 
 /// One measured value.

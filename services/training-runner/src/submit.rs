@@ -1,6 +1,8 @@
 //! Turning a submitted [`JobSpec`] into a [`ResolvedJob`]: every check that can fail a job
 //! before it runs happens here, so a bad spec is a 4xx naming its field, never a failed attempt.
 
+use std::num::NonZeroU32;
+
 use ferrite_platform::ApiError;
 use ferrite_platform::peers::{PeerError, Peers};
 use ferrite_training::job::{self, JobKind};
@@ -68,6 +70,7 @@ pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), Su
             format!("must lie in 1..={MAX_ATTEMPTS_LIMIT}"),
         ));
     }
+    keep_checkpoints(spec)?;
     if let Some(name) = &spec.output_model_name {
         check_name(name)?;
     }
@@ -97,6 +100,21 @@ pub fn check(spec: &JobSpec, default_attempts: u32) -> Result<(JobKind, u32), Su
         check_reference("base_model", base)?;
     }
     Ok((kind, attempts))
+}
+
+/// The checkpoint retention a spec asks for. 0 would delete even the newest checkpoint, the
+/// one a retried attempt resumes from, so it is refused rather than read as "keep all".
+fn keep_checkpoints(spec: &JobSpec) -> Result<Option<NonZeroU32>, SubmitError> {
+    spec.keep_checkpoints
+        .map(|keep| {
+            NonZeroU32::new(keep).ok_or_else(|| {
+                invalid(
+                    "keep_checkpoints",
+                    "must be at least 1; leave it out to keep every checkpoint",
+                )
+            })
+        })
+        .transpose()
 }
 
 /// The model registry's own rule: a name it would refuse must fail here, not after the job ran.
@@ -181,6 +199,7 @@ pub async fn resolve(
             .output_model_name
             .clone()
             .unwrap_or_else(|| default_output_name(kind, job_id)),
+        keep_checkpoints: keep_checkpoints(spec)?,
     })
 }
 
@@ -273,6 +292,18 @@ mod tests {
             "kind": "tokenizer", "datasets": [{"reference": "a"}], "max_attempts": 0,
         }));
         assert_eq!(field_of(check(&spec, 3)), "max_attempts");
+    }
+
+    #[test]
+    fn keeping_no_checkpoint_is_refused_and_one_is_enough() {
+        let keep = |n: u32| {
+            spec(serde_json::json!({
+                "kind": "tokenizer", "datasets": [{"reference": "a"}], "keep_checkpoints": n,
+            }))
+        };
+        // 0 would prune the checkpoint a retry resumes from; 1 keeps exactly that one.
+        assert_eq!(field_of(check(&keep(0), 3)), "keep_checkpoints");
+        assert!(check(&keep(1), 3).is_ok());
     }
 
     #[test]

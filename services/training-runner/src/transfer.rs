@@ -1,4 +1,5 @@
-//! Moving folders and datasets between object storage and the worker's scratch disk.
+//! Moving folders and datasets between object storage and the worker's scratch disk, and
+//! deleting folders the job no longer needs.
 
 use std::path::{Path, PathBuf};
 
@@ -106,6 +107,24 @@ pub async fn download_prefix(storage: &Storage, prefix: &str, dir: &Path) -> any
     Ok(total)
 }
 
+/// Deletes every object under `prefix` and returns how many there were. Stops at the first
+/// failure, which the caller logs once; what was not deleted stays as it was.
+pub async fn delete_prefix(storage: &Storage, prefix: &str) -> anyhow::Result<usize> {
+    let root = prefix_key(prefix)?;
+    let objects = storage
+        .list(&root)
+        .await
+        .with_context(|| format!("cannot list {prefix}"))?;
+    for object in &objects {
+        let key = ObjectKey::parse(&object.key)?;
+        storage
+            .delete(&key)
+            .await
+            .with_context(|| format!("cannot delete {key}"))?;
+    }
+    Ok(objects.len())
+}
+
 async fn download_object(storage: &Storage, key: &ObjectKey, path: &Path) -> anyhow::Result<u64> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -175,6 +194,36 @@ mod tests {
             lines,
             "{\"instruction\":\"a\\nb\",\"output\":\"c\"}\n{\"instruction\":\"d\",\"output\":\"e\"}\n"
         );
+    }
+
+    #[tokio::test]
+    async fn deleting_a_step_folder_leaves_the_step_whose_name_it_begins() {
+        // `step-1/` is a string prefix of `step-10/`; only the folder itself may go.
+        let storage = Storage::in_memory();
+        let keys = [
+            "jobs/j/checkpoints/step-1/model.safetensors",
+            "jobs/j/checkpoints/step-1/nested/trainer_state.json",
+            "jobs/j/checkpoints/step-10/model.safetensors",
+        ];
+        for key in keys {
+            let key = ObjectKey::parse(key).expect("a valid key");
+            storage
+                .put(&key, Bytes::from_static(b"x"))
+                .await
+                .expect("put");
+        }
+        let deleted = delete_prefix(&storage, "jobs/j/checkpoints/step-1/")
+            .await
+            .expect("deletes");
+        assert_eq!(deleted, 2, "the two objects under step-1/");
+        let left: Vec<String> = storage
+            .list(&ObjectKey::parse("jobs/j/checkpoints").expect("a valid key"))
+            .await
+            .expect("lists")
+            .into_iter()
+            .map(|object| object.key)
+            .collect();
+        assert_eq!(left, vec![keys[2].to_owned()]);
     }
 
     #[test]

@@ -133,7 +133,7 @@ async fn train(
         .map_err(|e| with_job(retryable(e)))?;
     let kind = job.kind;
     let hyper_parameters = job.hyper_parameters.clone();
-    let mut observer = RunObserver::new(attempt.clone(), flags.clone());
+    let mut observer = RunObserver::new(attempt.clone(), flags.clone(), job.keep_checkpoints);
     let output = tokio::task::spawn_blocking(move || {
         let output = job::run(kind, &hyper_parameters, &inputs, &mut observer);
         observer.flush_blocking();

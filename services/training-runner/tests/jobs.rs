@@ -9,58 +9,11 @@ use std::time::Duration;
 use ferrite_proto::JobOutcome;
 use reqwest::Method;
 use serde_json::json;
-use support::{RunnerApp, corpus_sample, spawn_runner};
-
-/// Bounds a hung test; never what a test measures.
-const PATIENCE: Duration = Duration::from_secs(600);
-
-/// Enough text for a held-out block: pretraining holds out every 50th block of 4,096 tokens.
-const CORPUS_BYTES: usize = 900_000;
-
-/// Puts a corpus sample in the store and registers it as the text dataset `corpus`.
-async fn corpus(app: &RunnerApp) -> String {
-    app.put("datasets/corpus-sample", corpus_sample(CORPUS_BYTES))
-        .await;
-    app.registries
-        .add_dataset("corpus", "text", "text", "datasets/corpus-sample")
-}
-
-fn tokenizer_spec() -> serde_json::Value {
-    json!({
-        "kind": "tokenizer",
-        "datasets": [{"reference": "corpus"}],
-        "hyper_parameters": {"vocab_size": 512},
-        "output_model_name": "test-tokenizer",
-    })
-}
-
-/// A tiny pretraining run: one thread, short windows, a checkpoint every `interval` steps.
-fn pretrain_spec(steps: u64, interval: u64) -> serde_json::Value {
-    json!({
-        "kind": "pretrain",
-        "base_model": "tok:1",
-        "datasets": [{"reference": "corpus"}],
-        "hyper_parameters": {
-            "preset": "tiny", "batch_size": 4, "sequence_length": 32, "total_steps": steps,
-            "warmup_steps": 2, "eval_interval": 10, "eval_windows": 4, "threads": 1,
-            "checkpoint_interval": interval,
-        },
-        "output_model_name": "tiny-lm",
-    })
-}
-
-/// Runs a tokenizer job and registers its output as the model version `tok:1`.
-async fn tokenizer(app: &RunnerApp) -> (String, String) {
-    let id = app.submit(tokenizer_spec()).await;
-    let job = app.wait_final(&id, PATIENCE).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let prefix = job["artifact_prefix"]
-        .as_str()
-        .expect("an artifact")
-        .to_owned();
-    let version = app.registries.add_model("tok:1", &prefix);
-    (id, version)
-}
+use support::jobs::{
+    PATIENCE, corpus, first_loss_step, killed_once, pretrain_spec, signal_first_worker, tokenizer,
+    tokenizer_spec,
+};
+use support::spawn_runner;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_through_the_queue_and_publish_their_lineage() {
@@ -223,6 +176,12 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
         (
             json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "max_attempts": 99}),
             "max_attempts",
+            "invalid_value",
+        ),
+        // Keeping no checkpoint would delete the one a retried attempt resumes from.
+        (
+            json!({"kind": "tokenizer", "datasets": [{"reference": "corpus"}], "keep_checkpoints": 0}),
+            "keep_checkpoints",
             "invalid_value",
         ),
         (
@@ -404,15 +363,10 @@ async fn a_killed_worker_resumes_from_its_last_checkpoint_in_a_new_attempt() {
     corpus(&app).await;
     tokenizer(&app).await;
 
-    let (id, _) = signal_first_worker(&app, 400, "-KILL").await;
+    let (id, job) = killed_once(&app, pretrain_spec(400, 4)).await;
     let path = format!("/v1/jobs/{id}");
-    let job = app.wait_final(&id, PATIENCE).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 400);
     let attempts = job["attempts"].as_array().expect("attempts");
-    assert_eq!(attempts.len(), 2, "{job}");
-    assert_eq!(attempts[0]["state"], "lost");
-    assert_eq!(attempts[1]["state"], "succeeded");
 
     // The second attempt continued from the newest checkpoint the first one recorded.
     let checkpoints = app.get(&format!("{path}/checkpoints")).await;
@@ -440,15 +394,7 @@ async fn a_killed_worker_resumes_from_its_last_checkpoint_in_a_new_attempt() {
     );
 
     // The second attempt's first loss is the step after the checkpoint.
-    let metrics = app.get(&format!("{path}/metrics?names=loss")).await;
-    let first_of_second = metrics["series"]["loss"]
-        .as_array()
-        .expect("a series")
-        .iter()
-        .filter(|p| p["attempt"] == 2)
-        .filter_map(|p| p["step"].as_i64())
-        .min();
-    assert_eq!(first_of_second, Some(last_of_first + 1));
+    assert_eq!(first_loss_step(&app, &id, 2).await, Some(last_of_first + 1));
     app.stop().await;
 }
 
@@ -554,7 +500,7 @@ async fn a_frozen_worker_loses_its_lease_and_is_stopped_before_the_next_attempt(
     tokenizer(&app).await;
     // SIGSTOP: the process lives on but never heartbeats, as a hung worker would. Only the
     // lease can catch it; the runner must kill it before starting attempt 2.
-    let (id, pid) = signal_first_worker(&app, 300, "-STOP").await;
+    let (id, pid) = signal_first_worker(&app, pretrain_spec(300, 4), "-STOP").await;
 
     let job = app.wait_final(&id, PATIENCE).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -576,34 +522,4 @@ async fn a_frozen_worker_loses_its_lease_and_is_stopped_before_the_next_attempt(
         .expect("run kill");
     assert!(!alive.success(), "the frozen worker {pid} was killed");
     app.stop().await;
-}
-
-/// Submits a pretraining job that checkpoints every 4 steps and, once its first worker has
-/// written a checkpoint and while the job still runs, sends that worker `signal`. Returns the
-/// job id and the worker's pid.
-async fn signal_first_worker(app: &RunnerApp, steps: u64, signal: &str) -> (String, i64) {
-    let id = app.submit(pretrain_spec(steps, 4)).await;
-    let path = format!("/v1/jobs/{id}");
-    let waited = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let checkpoints = app.get(&format!("{path}/checkpoints")).await;
-            let job = app.get(&path).await;
-            let pid = job["attempts"][0]["worker_pid"].as_i64().unwrap_or(0);
-            if !checkpoints["data"].as_array().expect("a list").is_empty() && pid > 0 {
-                return pid;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let pid = waited.expect("a first checkpoint within the patience");
-    // The signal must interrupt training, not a finished job.
-    let before = app.get(&path).await;
-    assert_eq!(before["state"], "running", "{before}");
-    let sent = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill {signal} {pid}");
-    (id, pid)
 }

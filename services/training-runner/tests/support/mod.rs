@@ -25,6 +25,8 @@ use crate::common::app::{ADMIN_TOKEN, TestApp, spawn_modules, test_env};
 use crate::common::s3::S3Server;
 use crate::common::{SHARED_AMQP_URL, TestDatabase, delete_topology, eventually, unique_name};
 
+pub mod jobs;
+
 /// What the stand-in registries answer and what they have consumed.
 #[derive(Default)]
 pub struct Registries {
