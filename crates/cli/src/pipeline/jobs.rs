@@ -19,7 +19,7 @@ use super::progress::{self, JobBar};
 use super::runner::Run;
 use super::spec::{StageKind, StageSpec};
 use super::stages::{InputRules, Need, Stage, check_inputs};
-use super::yaml::LineError;
+use super::yaml::{self, LineError};
 
 /// Metrics followed live and kept as curves in the report.
 const CURVES: [&str; 4] = ["loss", "eval_loss", "tokens_per_second", "lr"];
@@ -39,6 +39,10 @@ pub struct JobEnded {
     pub reason: String,
 }
 
+/// Job-level options a training stage passes to the runner as they are: how many attempts
+/// the job gets, and how many of its newest checkpoints storage keeps.
+const JOB_OPTIONS: [&str; 2] = ["max_attempts", "keep_checkpoints"];
+
 /// A stage that is one training job.
 #[derive(Debug)]
 pub struct TrainingStage;
@@ -46,11 +50,31 @@ pub struct TrainingStage;
 #[async_trait]
 impl Stage for TrainingStage {
     fn options(&self) -> &'static [&'static str] {
-        &["hyper_parameters", "output_model_name"]
+        &[
+            "hyper_parameters",
+            "output_model_name",
+            "max_attempts",
+            "keep_checkpoints",
+        ]
     }
 
     fn check(&self, stage: &StageSpec) -> Vec<LineError> {
         let mut problems = check_inputs(stage, rules(stage.kind));
+        for option in JOB_OPTIONS {
+            // The runner refuses 0 too; saying so here fails the file before any upload.
+            if let Some(node) = stage.node.get(option)
+                && !matches!(node.value, yaml::Value::Integer(count) if count >= 1)
+            {
+                let found = match &node.value {
+                    yaml::Value::Integer(count) => count.to_string(),
+                    other => other.describe().to_owned(),
+                };
+                problems.push(LineError::new(
+                    node.line,
+                    format!("{option}: must be a whole number of at least 1, not {found}"),
+                ));
+            }
+        }
         let Ok(kind) = stage.kind.as_str().parse::<JobKind>() else {
             return problems;
         };
@@ -128,13 +152,18 @@ async fn submit(stage: &StageSpec, run: &mut Run) -> anyhow::Result<String> {
         Some(reference) => Some(run.resolve(&reference.value)?),
         None => None,
     };
-    let spec = json!({
+    let mut spec = json!({
         "kind": stage.kind.as_str(),
         "base_model": base_model,
         "datasets": datasets,
         "hyper_parameters": stage.hyper_parameters,
         "output_model_name": output_model_name(stage, &run.pipeline_name()),
     });
+    for option in JOB_OPTIONS {
+        if let Some(node) = stage.node.get(option) {
+            spec[option] = node.to_json();
+        }
+    }
     let job = run
         .client()
         .post("/v1/jobs", &spec)

@@ -167,7 +167,7 @@ impl Node {
 }
 
 impl Value {
-    fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> &'static str {
         match self {
             Value::Null => "null",
             Value::Bool(_) => "a boolean",
