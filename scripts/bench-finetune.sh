@@ -17,7 +17,8 @@ threads="${1:-1}"
 export OMP_NUM_THREADS="$threads"
 
 cargo build --release --quiet -p ferrite-training --example finetune_bench --example pretrain
-bench="$FERRITE_ROOT/target/release/examples/finetune_bench"
+examples="${CARGO_TARGET_DIR:-$FERRITE_ROOT/target}/release/examples"
+bench="$examples/finetune_bench"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -39,7 +40,7 @@ for row in rows:
 PY
 
 base="$work/base"
-"$FERRITE_ROOT/target/release/examples/pretrain" --corpus "$FERRITE_DATA/corpus/corpus.txt" \
+"$examples/pretrain" --corpus "$FERRITE_DATA/corpus/corpus.txt" \
   --out "$base" --preset tiny --vocab-size 2048 --max-bytes 4000000 \
   --steps "${FERRITE_BENCH_PRETRAIN_STEPS:-300}" --batch-size 16 --sequence-length 128 \
   --lr 3e-3 --eval-interval 100 --threads "$threads" | tail -n 3

@@ -14,7 +14,7 @@ export OMP_NUM_THREADS="$threads"
 
 "$(dirname "$0")/setup-python.sh"
 cargo build --release --quiet -p ferrite-training --example bench
-bench="$FERRITE_ROOT/target/release/examples/bench"
+bench="${CARGO_TARGET_DIR:-$FERRITE_ROOT/target}/release/examples/bench"
 python="$FERRITE_PY_VENV/bin/python"
 reference="$FERRITE_ROOT/crates/training/benches/reference.py"
 work="$(mktemp -d)"

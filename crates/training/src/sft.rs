@@ -394,10 +394,14 @@ impl SftTrainer {
     fn assemble(
         checkpoint: Checkpoint,
         method: Method,
-        config: SftConfig,
+        mut config: SftConfig,
         data: SftData,
         saved_adapter: Option<&Path>,
     ) -> Result<Self, SftError> {
+        // Settled once, so the saved trainer state says what the run did.
+        config
+            .gradient_checkpointing
+            .get_or_insert(method == Method::Qlora);
         config
             .check()
             .map_err(|(name, message)| SftError::Invalid(format!("{name} {message}")))?;
@@ -499,9 +503,7 @@ impl SftTrainer {
     /// Whether blocks are recomputed in the backward pass (see
     /// [`SftConfig::gradient_checkpointing`]).
     pub fn gradient_checkpointing(&self) -> bool {
-        self.config
-            .gradient_checkpointing
-            .unwrap_or(self.method == Method::Qlora)
+        self.config.gradient_checkpointing == Some(true)
     }
 
     /// Values the optimizer updates.

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-/// Compute a job asks for; the local backend ignores all but the device.
+/// Compute a job asks for. The Kubernetes backend turns it into the pod's requests, limits,
+/// scheduling and deadline; the local backend runs every job on this machine's CPU and ignores
+/// it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Resources {

@@ -35,6 +35,7 @@ pub struct JobSpec {
     pub output_model_name: Option<String>,
     /// Attempts in all before the job fails; the runner's setting when absent.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_attempts: Option<u32>,
     /// Checkpoints kept in storage, the newest by step; each new one deletes those beyond
     /// (Hugging Face's `save_total_limit`). Every checkpoint is kept when absent.

@@ -82,6 +82,14 @@ fn files_under(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
     Ok(files)
 }
 
+/// Nothing in storage under a registered artifact's prefix. Registered artifacts are never
+/// rewritten, so another attempt would find the same; the worker fails the job at once.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no objects under {0}: the artifact is missing from this store (is the runner configured with the store it was registered in?)"
+)]
+pub struct NothingUnder(pub String);
+
 /// Downloads every object under `prefix` into `dir`, keeping relative paths.
 pub async fn download_prefix(storage: &Storage, prefix: &str, dir: &Path) -> anyhow::Result<u64> {
     let root = prefix_key(prefix)?;
@@ -90,7 +98,7 @@ pub async fn download_prefix(storage: &Storage, prefix: &str, dir: &Path) -> any
         .await
         .with_context(|| format!("cannot list {prefix}"))?;
     if objects.is_empty() {
-        anyhow::bail!("no objects under {prefix}");
+        return Err(NothingUnder(prefix.to_owned()).into());
     }
     let mut total = 0;
     for object in objects {
@@ -224,6 +232,17 @@ mod tests {
             .map(|object| object.key)
             .collect();
         assert_eq!(left, vec![keys[2].to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn an_empty_prefix_is_reported_as_missing_artifacts() {
+        let storage = Storage::in_memory();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = download_prefix(&storage, "models/gone/", dir.path())
+            .await
+            .expect_err("nothing is stored");
+        // The worker tells this error from a storage hiccup by its type.
+        assert!(error.downcast_ref::<NothingUnder>().is_some(), "{error:#}");
     }
 
     #[test]

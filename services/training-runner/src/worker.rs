@@ -130,7 +130,12 @@ async fn train(
     let device = device(&job).map_err(|e| with_job(RunError::Permanent(format!("{e:#}"))))?;
     let inputs = prepare(attempt, &job, scratch, device)
         .await
-        .map_err(|e| with_job(retryable(e)))?;
+        .map_err(|error| {
+            with_job(match error.downcast_ref::<transfer::NothingUnder>() {
+                Some(missing) => RunError::Permanent(missing.to_string()),
+                None => retryable(error),
+            })
+        })?;
     let kind = job.kind;
     let hyper_parameters = job.hyper_parameters.clone();
     let mut observer = RunObserver::new(attempt.clone(), flags.clone(), job.keep_checkpoints);
