@@ -518,6 +518,23 @@ fn run_tokenizer(config: &TokenizerJobConfig, inputs: &JobInputs) -> Result<JobO
     })
 }
 
+/// Refuses to go on once a loss is NaN or infinite: every later step and the artifact would be
+/// too, and the same seed diverges the same way again, so the job fails for good rather than
+/// registering a broken model.
+pub(crate) fn check_finite(what: &str, value: f64, step: usize) -> Result<(), JobError> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    let hint = if step == 0 {
+        "the base model's weights are not finite"
+    } else {
+        "training diverged; a lower lr or max_grad_norm may help"
+    };
+    Err(JobError::Invalid(format!(
+        "the {what} is {value} at step {step}: {hint}"
+    )))
+}
+
 fn run_pretrain(
     config: &PretrainJobConfig,
     inputs: &JobInputs,
@@ -568,12 +585,16 @@ fn run_pretrain(
         config.checkpoint_interval
     };
     let mut last_eval = f64::NAN;
+    let mut last_loss = 0.0;
     while trainer.step_count() < total {
         if observer.should_stop() {
             return Err(JobError::Stopped);
         }
         let target = (trainer.step_count() + 1).min(total);
         trainer.run_until(target, &mut |metrics| {
+            if let Metrics::Train(train) = metrics {
+                last_loss = train.loss;
+            }
             let (step, values) = match metrics {
                 Metrics::Train(train) => (
                     train.step,
@@ -599,6 +620,7 @@ fn run_pretrain(
             observer.metrics(step as u64, total as u64, &values);
         });
         let step = trainer.step_count();
+        check_finite("training loss", last_loss, step)?;
         if step.is_multiple_of(interval) && step < total {
             let dir = inputs.checkpoint_dir.join(format!("step-{step:08}"));
             trainer

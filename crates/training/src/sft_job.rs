@@ -6,7 +6,9 @@ use std::path::Path;
 
 use ferrite_model::tokenizer::Tokenizer;
 
-use crate::job::{DatasetInput, DatasetRole, JobError, JobInputs, JobKind, JobObserver, JobOutput};
+use crate::job::{
+    self, DatasetInput, DatasetRole, JobError, JobInputs, JobKind, JobObserver, JobOutput,
+};
 use crate::sft::{self, Method, SftConfig, SftData, SftTrainer};
 use crate::sft_data::{self, Example};
 
@@ -137,11 +139,19 @@ pub(crate) fn run_sft(
     observer: &mut dyn JobObserver,
 ) -> Result<JobOutput, JobError> {
     let failed = |error: &dyn std::fmt::Display| JobError::Failed(error.to_string());
+    // The base and the data are on local disk by now: a base that does not load, or a
+    // trainer that refuses its settings, fails the same way on every attempt.
+    let invalid = |error: &dyn std::fmt::Display| JobError::Invalid(error.to_string());
     let base = inputs.base_model.as_ref().ok_or_else(|| {
         JobError::Invalid("fine-tuning needs a base model (a folder with tokenizer.json)".into())
     })?;
     let base_name = base.display().to_string();
-    let tokenizer = Tokenizer::load(base).map_err(|error| failed(&error))?;
+    if !base.join("tokenizer.json").exists() {
+        return Err(JobError::Invalid(
+            "the base model has no tokenizer.json: is it an adapter rather than a model?".into(),
+        ));
+    }
+    let tokenizer = Tokenizer::load(base).map_err(|error| invalid(&error))?;
     let data = load_data(&config, inputs, &tokenizer)?;
 
     let mut trainer = match &inputs.resume_from {
@@ -149,11 +159,16 @@ pub(crate) fn run_sft(
         None => {
             let method = method_of(kind);
             let loaded =
-                sft::load_base(base, method, inputs.device).map_err(|error| failed(&error))?;
+                sft::load_base(base, method, inputs.device).map_err(|error| invalid(&error))?;
             SftTrainer::new(loaded, method, config, data)
         }
     }
-    .map_err(|error| failed(&error))?;
+    .map_err(|error| invalid(&error))?;
+    job::check_finite(
+        "held-out loss of the base model",
+        trainer.base_eval_loss(),
+        0,
+    )?;
 
     let total = trainer.config().total_steps;
     let mut eval_loss = f64::NAN;
@@ -163,6 +178,7 @@ pub(crate) fn run_sft(
         }
         let metrics = trainer.train_step();
         let step = metrics.step;
+        job::check_finite("training loss", metrics.loss, step)?;
         observer.metrics(
             step as u64,
             total as u64,

@@ -397,31 +397,71 @@ impl JobObserver for Recorder {
     }
 }
 
-#[test]
-fn a_qlora_job_writes_a_peft_adapter_and_reports_the_gain() {
-    let _generator = generator_lock();
-    tch::set_num_threads(1);
-    let dir = tempfile::tempdir().expect("temp dir");
-    base_folder(&dir.path().join("base"));
+/// A base model folder and the short answers as a JSONL dataset under `dir`, as a worker lays
+/// them out for a job.
+fn job_folder(dir: &Path) -> JobInputs {
+    base_folder(&dir.join("base"));
     let records: Vec<String> = short_answers()
         .iter()
         .map(|record| record.to_string())
         .collect();
-    let data_path = dir.path().join("train.jsonl");
+    let data_path = dir.join("train.jsonl");
     std::fs::write(&data_path, records.join("\n") + "\n").expect("writes");
-    let inputs = JobInputs {
-        base_model: Some(dir.path().join("base")),
+    JobInputs {
+        base_model: Some(dir.join("base")),
         datasets: vec![DatasetInput {
             version_id: "v1".into(),
             kind: "sft".into(),
             role: DatasetRole::Train,
             path: data_path,
         }],
-        output_dir: dir.path().join("out"),
-        checkpoint_dir: dir.path().join("checkpoints"),
+        output_dir: dir.join("out"),
+        checkpoint_dir: dir.join("checkpoints"),
         resume_from: None,
         device: Device::Cpu,
+    }
+}
+
+#[test]
+fn a_base_with_non_finite_weights_fails_the_job_for_good() {
+    let _generator = generator_lock();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inputs = job_folder(dir.path());
+    // One NaN in the final norm makes every logit NaN, hence the loss.
+    let weights = dir.path().join("base").join(checkpoint::WEIGHTS_FILE);
+    let mut tensors = ferrite_model::safetensors::load(&weights)
+        .expect("reads")
+        .tensors;
+    let norm = tensors.get_mut("model.norm.weight").expect("a final norm");
+    let _ = norm.get(0).fill_(f64::NAN);
+    ferrite_model::safetensors::save(&weights, &tensors, &BTreeMap::new()).expect("writes");
+
+    let hyper = serde_json::json!({"total_steps": 2, "batch_size": 2, "threads": 1});
+    let mut recorder = Recorder {
+        metrics: Vec::new(),
+        checkpoints: Vec::new(),
     };
+    for kind in [JobKind::Sft, JobKind::Qlora] {
+        let error = job::run(kind, &hyper, &inputs, &mut recorder).expect_err("NaN base");
+        // Invalid is the kind the runner does not retry; nothing may be written as output.
+        match error {
+            job::JobError::Invalid(message) => {
+                assert!(message.contains("not finite"), "{kind:?}: {message}")
+            }
+            other => panic!("{kind:?}: expected a permanent failure, got {other}"),
+        }
+        assert!(!inputs.output_dir.join("adapter_config.json").exists());
+        assert!(!inputs.output_dir.join(checkpoint::WEIGHTS_FILE).exists());
+    }
+}
+
+#[test]
+fn a_qlora_job_writes_a_peft_adapter_and_reports_the_gain() {
+    let _generator = generator_lock();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let inputs = job_folder(dir.path());
     let hyper = serde_json::json!({
         "total_steps": 30, "batch_size": 4, "lr": 5e-3, "warmup_steps": 0,
         "checkpoint_interval": 10, "eval_fraction": 0.25, "target_modules": "all-linear",
