@@ -109,11 +109,15 @@ async fn up_serves_all_seven_services_ready_on_one_port_and_stops_on_sigterm() {
     // serves stays a 404.
     let client = reqwest::Client::new();
     for (method, path, allow) in [
-        (reqwest::Method::DELETE, "/v1/datasets", "GET"),
-        (reqwest::Method::DELETE, "/v1/jobs", "POST, GET"),
-        (reqwest::Method::PUT, "/v1/registry/models", "POST, GET"),
+        (reqwest::Method::DELETE, "/v1/datasets", "GET, HEAD"),
+        (reqwest::Method::DELETE, "/v1/jobs", "POST, GET, HEAD"),
+        (
+            reqwest::Method::PUT,
+            "/v1/registry/models",
+            "POST, GET, HEAD",
+        ),
         (reqwest::Method::GET, "/v1/chat/completions", "POST"),
-        (reqwest::Method::POST, "/readyz", "GET"),
+        (reqwest::Method::POST, "/readyz", "GET, HEAD"),
     ] {
         let response = client
             .request(method.clone(), format!("{url}{path}"))

@@ -507,6 +507,12 @@ async fn a_json_body_of_the_wrong_shape_is_refused_naming_the_path_of_the_value_
             run(json!({"datasets": [{"reference": 7}]})),
             "datasets[0].reference",
         ),
+        // A number where an enum's name belongs: serde_json calls this a syntax error, but
+        // the body is valid JSON, so the value at the path is what is wrong.
+        (
+            run(json!({"datasets": [{"reference": "a", "role": 7}]})),
+            "datasets[0].role",
+        ),
         // Missing, unknown and repeated fields are named inside their object.
         (run(json!({"hyper_parameters": {}})), "hyper_parameters.lr"),
         (
@@ -633,10 +639,10 @@ fn allowed(response: &reqwest::Response) -> BTreeSet<String> {
 async fn a_method_a_path_does_not_serve_is_a_405_naming_those_it_does() {
     let app = spawn_runs(&[]).await;
     let cases = [
-        (Method::DELETE, "/v1/runs", &["GET", "POST"][..]),
-        (Method::POST, "/v1/runs/7", &["GET", "DELETE"][..]),
-        (Method::PUT, "/v1/auth/tokens", &["GET", "POST"][..]),
-        (Method::POST, "/healthz", &["GET"][..]),
+        (Method::DELETE, "/v1/runs", &["GET", "HEAD", "POST"][..]),
+        (Method::POST, "/v1/runs/7", &["GET", "HEAD", "DELETE"][..]),
+        (Method::PUT, "/v1/auth/tokens", &["GET", "HEAD", "POST"][..]),
+        (Method::POST, "/healthz", &["GET", "HEAD"][..]),
     ];
     for (method, path, expected) in cases {
         let response = app
@@ -657,6 +663,16 @@ async fn a_method_a_path_does_not_serve_is_a_405_naming_those_it_does() {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["code"], "method_not_allowed");
     }
+
+    // HEAD is served wherever GET is, with the headers and without the body (RFC 9110).
+    let head = app
+        .client
+        .head(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(head.status(), StatusCode::OK);
+    assert!(head.bytes().await.expect("reads").is_empty());
 
     // A path nothing serves stays a 404, whatever the method.
     for (method, path) in [

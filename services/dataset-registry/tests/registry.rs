@@ -429,9 +429,9 @@ async fn reading_needs_a_token_and_the_routes_are_documented() {
 async fn a_wrong_method_is_a_405_naming_the_served_ones_and_a_wrong_type_names_its_field() {
     let registry = spawn(&[]).await;
     let cases = [
-        (Method::DELETE, "/v1/datasets", "GET"),
+        (Method::DELETE, "/v1/datasets", "GET, HEAD"),
         (Method::PATCH, "/v1/datasets/qa/aliases/prod", "PUT, DELETE"),
-        (Method::PUT, "/v1/datasets/qa/versions", "GET, POST"),
+        (Method::PUT, "/v1/datasets/qa/versions", "GET, HEAD, POST"),
     ];
     for (method, path, served) in cases {
         let (status, body) = registry.call(method.clone(), path, None).await;

@@ -51,8 +51,17 @@ impl Endpoint {
         Args: FromRequest + 'static,
         F::Output: Responder + 'static,
     {
+        let get = method == Method::GET;
         self.allowed.push(method.clone());
-        self.resource = self.resource.route(web::route().method(method).to(handler));
+        self.resource = self
+            .resource
+            .route(web::route().method(method).to(handler.clone()));
+        if get {
+            // HEAD is GET without the body (RFC 9110, 9.3.2); actix sends no body for HEAD.
+            self.allowed.push(Method::HEAD);
+            let head = web::route().method(Method::HEAD).to(handler);
+            self.resource = self.resource.route(head);
+        }
         self
     }
 }

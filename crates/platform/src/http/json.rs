@@ -115,7 +115,10 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let inner = error.inner();
-        if inner.classify() == Category::Data {
+        // serde_json calls a token a plain enum cannot start with (`"role": 7`) a syntax error;
+        // if the body is valid JSON, the fault is the value at the path, not the syntax.
+        let valid_json = || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        if inner.classify() == Category::Data || valid_json() {
             value_error(error.path(), inner)
         } else {
             syntax_error(inner)
