@@ -2,112 +2,18 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{
-    PrivateRabbit, SHARED_AMQP_URL, TestDatabase, amqp_settings, eventually, unique_name,
+use common::consumer::{
+    Gate, PATIENCE, Recorder, broker_with_queue, create_effects_table, effects_of, job, next_call,
+    start_consumer, stop, take_dead_letter,
 };
-use ferrite_platform::amqp::{
-    Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, dead_letter_queue, outbox,
-    spawn_consumer, spawn_outbox_relay,
-};
+use common::{PrivateRabbit, SHARED_AMQP_URL, TestDatabase, eventually};
+use ferrite_platform::amqp::{outbox, spawn_outbox_relay};
 use ferrite_proto::{Event, JobRequested};
-use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// Bounds every wait for a message; generous because a private broker may be booting on a
-/// machine busy compiling. Never a measurement.
-const PATIENCE: Duration = Duration::from_secs(120);
-
-/// A handler that records each job as a row in `effects` and reports every call.
-struct Recorder {
-    calls: mpsc::UnboundedSender<IncomingMessage>,
-    /// A job id whose handling always fails.
-    poison: Option<String>,
-    /// Holds the first call after its effect is written, until the test releases it.
-    gate: Option<Gate>,
-}
-
-struct Gate {
-    entered: mpsc::UnboundedSender<()>,
-    release: Arc<Notify>,
-    used: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl Handler for Recorder {
-    async fn handle(
-        &self,
-        message: &IncomingMessage,
-        tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<(), HandlerError> {
-        let job: JobRequested = message.decode()?;
-        let _ = self.calls.send(message.clone());
-        if self.poison.as_deref() == Some(job.job_id.as_str()) {
-            return Err(HandlerError::Transient(anyhow::anyhow!(
-                "job {} always fails",
-                job.job_id
-            )));
-        }
-        sqlx::query("INSERT INTO effects (message_id, job_id) VALUES ($1, $2)")
-            .bind(message.message_id)
-            .bind(&job.job_id)
-            .execute(&mut **tx)
-            .await?;
-        if let Some(gate) = &self.gate
-            && !gate.used.swap(true, Ordering::SeqCst)
-        {
-            let _ = gate.entered.send(());
-            gate.release.notified().await;
-        }
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn new() -> (Self, mpsc::UnboundedReceiver<IncomingMessage>) {
-        let (calls, received) = mpsc::unbounded_channel();
-        (
-            Self {
-                calls,
-                poison: None,
-                gate: None,
-            },
-            received,
-        )
-    }
-}
-
-/// The effects table a handler writes to. No unique key on purpose: an effect applied twice
-/// shows up as two rows.
-async fn create_effects_table(pool: &PgPool) {
-    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL, job_id TEXT NOT NULL)")
-        .execute(pool)
-        .await
-        .expect("create the effects table");
-}
-
-async fn effects_of(pool: &PgPool, message_id: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM effects WHERE message_id = $1")
-        .bind(message_id)
-        .fetch_one(pool)
-        .await
-        .expect("count effects")
-}
-
-fn job(id: &str) -> JobRequested {
-    JobRequested {
-        job_id: id.to_owned(),
-        kind: "sft".to_owned(),
-        spec_json: "{}".to_owned(),
-        attempt: 1,
-    }
-}
 
 /// Writes `event` through the outbox in a transaction of its own and commits.
 async fn enqueue_committed(pool: &PgPool, event: &JobRequested) -> Uuid {
@@ -117,70 +23,18 @@ async fn enqueue_committed(pool: &PgPool, event: &JobRequested) -> Uuid {
     id
 }
 
-async fn next_call(calls: &mut mpsc::UnboundedReceiver<IncomingMessage>) -> IncomingMessage {
-    tokio::time::timeout(PATIENCE, calls.recv())
-        .await
-        .expect("a message reached the handler in time")
-        .expect("the handler is alive")
-}
-
-fn start_consumer(
-    broker: &Broker,
-    pool: &PgPool,
-    queue: &str,
-    prefetch: u16,
-    handler: Recorder,
-) -> (JoinHandle<()>, CancellationToken) {
-    let mut spec = ConsumerSpec::new(
-        queue,
-        &[JobRequested::ROUTING_KEY],
-        broker,
-        Arc::new(handler),
-    );
-    spec.prefetch = prefetch;
-    spec.retry_delay = Duration::from_millis(10);
-    let shutdown = CancellationToken::new();
-    (
-        spawn_consumer(broker.clone(), pool.clone(), spec, shutdown.clone()),
-        shutdown,
-    )
-}
-
-async fn stop(task: JoinHandle<()>, shutdown: CancellationToken) {
-    shutdown.cancel();
-    tokio::time::timeout(PATIENCE, task)
-        .await
-        .expect("the task stopped in time")
-        .expect("the task did not panic");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_event_takes_effect_once_when_the_ack_is_lost_and_it_is_redelivered() {
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
     let mut rabbit = PrivateRabbit::start().await;
-    let settings = amqp_settings(&rabbit.url(), 5);
-    let broker = Broker::start(settings, CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the private node");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, _, queue) = broker_with_queue(&rabbit.url(), 5).await;
     let relay_shutdown = CancellationToken::new();
     let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
 
     let (mut first, mut first_calls) = Recorder::new();
-    let (entered, mut handler_entered) = mpsc::unbounded_channel();
-    let release = Arc::new(Notify::new());
-    first.gate = Some(Gate {
-        entered,
-        release: release.clone(),
-        used: AtomicBool::new(false),
-    });
+    let (gate, mut handler_entered, release) = Gate::new();
+    first.gate = Some(gate);
     let (consumer, consumer_shutdown) = start_consumer(&broker, &db.pool, &queue, 1, first);
 
     let original = enqueue_committed(&db.pool, &job("job-1")).await;
@@ -249,17 +103,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliveries_while_others_flo
     const MAX_DELIVERIES: u32 = 3;
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
-    let settings = amqp_settings(SHARED_AMQP_URL, MAX_DELIVERIES);
-    let broker = Broker::start(settings.clone(), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the shared broker");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, settings, queue) = broker_with_queue(SHARED_AMQP_URL, MAX_DELIVERIES).await;
 
     let (mut recorder, mut calls) = Recorder::new();
     recorder.poison = Some("poison".to_owned());
@@ -289,13 +133,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliveries_while_others_flo
             healthy_seen.push(call.message_id);
         }
     }
-    let dlq = dead_letter_queue(&queue);
-    eventually(
-        PATIENCE,
-        "the poison message in the dead-letter queue",
-        || async { common::ready_messages(SHARED_AMQP_URL, &dlq).await == 1 },
-    )
-    .await;
+    let dead_lettered = take_dead_letter(&queue).await;
     stop(consumer, shutdown).await;
 
     assert_eq!(
@@ -321,16 +159,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliveries_while_others_flo
         calls.try_recv().is_err(),
         "nothing was delivered after the dead-lettering"
     );
-    let dead = common::take_message(SHARED_AMQP_URL, &dlq)
-        .await
-        .expect("a dead-lettered message");
-    let dead_id = dead
-        .delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.to_string());
-    assert_eq!(dead_id, Some(poison.to_string()));
+    assert_eq!(dead_lettered, Some(poison.to_string()));
 
     common::delete_topology(SHARED_AMQP_URL, &settings, &[&queue]).await;
     broker.close().await;
@@ -342,16 +171,7 @@ async fn an_outbox_row_written_while_the_broker_is_down_is_delivered_after_it_re
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
     let mut rabbit = PrivateRabbit::start().await;
-    let broker = Broker::start(amqp_settings(&rabbit.url(), 5), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the private node");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, _, queue) = broker_with_queue(&rabbit.url(), 5).await;
     let relay_shutdown = CancellationToken::new();
     let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
 
@@ -401,16 +221,7 @@ async fn a_consumer_keeps_consuming_after_the_broker_restarts() {
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
     let mut rabbit = PrivateRabbit::start().await;
-    let broker = Broker::start(amqp_settings(&rabbit.url(), 5), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the private node");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, _, queue) = broker_with_queue(&rabbit.url(), 5).await;
     let (recorder, mut calls) = Recorder::new();
     let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 4, recorder);
 
@@ -450,17 +261,7 @@ async fn a_consumer_keeps_consuming_after_the_broker_restarts() {
 async fn a_rolled_back_transaction_publishes_nothing() {
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
-    let settings = amqp_settings(SHARED_AMQP_URL, 5);
-    let broker = Broker::start(settings.clone(), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the shared broker");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, settings, queue) = broker_with_queue(SHARED_AMQP_URL, 5).await;
     let relay_shutdown = CancellationToken::new();
     let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
     let (recorder, mut calls) = Recorder::new();
@@ -499,27 +300,11 @@ async fn a_rolled_back_transaction_publishes_nothing() {
 async fn shutdown_lets_the_running_handler_commit_and_leaves_the_rest_queued() {
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
-    let settings = amqp_settings(SHARED_AMQP_URL, 5);
-    let broker = Broker::start(settings.clone(), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the shared broker");
-    let queue = unique_name("jobs");
-    let bindings = [JobRequested::ROUTING_KEY.to_owned()];
-    broker
-        .declare_queue(&queue, &bindings)
-        .await
-        .expect("declare");
+    let (broker, settings, queue) = broker_with_queue(SHARED_AMQP_URL, 5).await;
 
     let (mut recorder, mut calls) = Recorder::new();
-    let (entered, mut handler_entered) = mpsc::unbounded_channel();
-    let release = Arc::new(Notify::new());
-    recorder.gate = Some(Gate {
-        entered,
-        release: release.clone(),
-        used: AtomicBool::new(false),
-    });
+    let (gate, mut handler_entered, release) = Gate::new();
+    recorder.gate = Some(gate);
     // Prefetch 1: the second message is not delivered while the first is unacknowledged.
     let (consumer, shutdown) = start_consumer(&broker, &db.pool, &queue, 1, recorder);
     let running = broker
@@ -594,18 +379,7 @@ async fn a_service_schema_migrated_by_the_platform_relays_its_own_outbox() {
         .listen(&format!("ferrite_outbox_{schema}"))
         .await
         .expect("listen");
-    let settings = amqp_settings(SHARED_AMQP_URL, 5);
-    let broker = Broker::start(settings.clone(), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the shared broker");
-    let queue = unique_name("jobs");
-    let bindings = [JobRequested::ROUTING_KEY.to_owned()];
-    broker
-        .declare_queue(&queue, &bindings)
-        .await
-        .expect("declare");
+    let (broker, settings, queue) = broker_with_queue(SHARED_AMQP_URL, 5).await;
     let relay_shutdown = CancellationToken::new();
     let relay = spawn_outbox_relay(pool.clone(), broker.clone(), relay_shutdown.clone());
     let (recorder, mut calls) = Recorder::new();
@@ -669,17 +443,7 @@ async fn the_consumer_span_continues_the_trace_of_the_request_that_wrote_the_out
 
     let db = TestDatabase::create().await;
     create_effects_table(&db.pool).await;
-    let settings = amqp_settings(SHARED_AMQP_URL, 5);
-    let broker = Broker::start(settings.clone(), CancellationToken::new());
-    broker
-        .wait_connected(PATIENCE)
-        .await
-        .expect("connects to the shared broker");
-    let queue = unique_name("jobs");
-    broker
-        .declare_queue(&queue, &[JobRequested::ROUTING_KEY.to_owned()])
-        .await
-        .expect("declare");
+    let (broker, settings, queue) = broker_with_queue(SHARED_AMQP_URL, 5).await;
     let relay_shutdown = CancellationToken::new();
     let relay = spawn_outbox_relay(db.pool.clone(), broker.clone(), relay_shutdown.clone());
     let (recorder, mut calls) = Recorder::new();

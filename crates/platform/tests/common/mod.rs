@@ -364,4 +364,5 @@ fn free_port() -> u16 {
 }
 
 pub mod app;
+pub mod consumer;
 pub mod s3;
