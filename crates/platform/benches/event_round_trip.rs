@@ -7,29 +7,33 @@
 //! ```
 //!
 //! Every path uses persistent messages, publisher confirms and a durable quorum queue with
-//! manual acks, so the broker does the same disk work for each. Three paths, in one process:
+//! manual acks and the same prefetch, so the broker does the same disk work for each. Three
+//! paths, in one process:
 //! - `lapin`: publish and wait for the confirm; the consumer acks at once;
 //! - `lapin + inbox tx`: the same, but the consumer first inserts the message id into an inbox
-//!   table and commits, as Ferrite does; it separates the price of exactly-once bookkeeping
-//!   (a Postgres commit per message) from the price of the framework;
-//! - `ferrite`: `Broker::publish_event` and `spawn_consumer` with a handler that does nothing,
-//!   so the framework's own work is measured: the inbox row, the commit, the ack. The round
+//!   table and commits, one transaction per message on a plain sqlx pool (its defaults); the
+//!   naive price of exactly-once bookkeeping;
+//! - `ferrite`: the product as a service runs it: settings from `Settings::load` (the platform's
+//!   defaults, with this run's URLs, exchange and prefetch), the pool from `db::connect`, the
+//!   schema from `db::migrate`, `Broker::publish_event`, and `spawn_consumer` with the default
+//!   `ConsumerSpec` and a handler that does nothing, so the framework's own work is measured:
+//!   inbox rows, commits (one per batch of deliveries that arrive together), acks. The round
 //!   trip ends when the consumer's `amqp.consume` span closes, right after the ack.
 //!
 //! Latency is measured one message at a time (p50, p99), throughput with 32 concurrent
 //! publishers, in rounds that alternate between the paths. The ratios at the end compare
-//! Ferrite with both lapin paths. It takes about a minute and leaves nothing behind: its
+//! Ferrite with both lapin paths. It takes seconds once built and leaves nothing behind: its
 //! database, exchanges and queues are dropped at the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use ferrite_platform::Secret;
 use ferrite_platform::amqp::{
     Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, spawn_consumer,
 };
 use ferrite_platform::settings::AmqpSettings;
+use ferrite_platform::{Settings, db};
 use ferrite_proto::{Event, JobRequested};
 use futures::StreamExt as _;
 use lapin::options::{
@@ -60,7 +64,10 @@ const ROUNDS: usize = 3;
 const LATENCY_MESSAGES: usize = 200;
 const THROUGHPUT_MESSAGES: usize = 2_000;
 const PUBLISHERS: usize = 32;
+/// The same for every path; a Ferrite service reads it from `FERRITE_AMQP_PREFETCH`.
 const PREFETCH: u16 = 64;
+/// The Ferrite path's schema, as a service's own.
+const BENCH_SCHEMA: &str = "bench";
 /// Bounds each wait so that a broken setup fails instead of hanging; never a measurement.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -79,15 +86,16 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query(&format!(r#"CREATE DATABASE "{database}""#))
         .execute(&mut admin)
         .await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(u32::from(PREFETCH) / 2)
-        .connect(&format!("postgres://postgres@127.0.0.1:5432/{database}"))
+    let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+    // A plain sqlx pool with its defaults, the inbox table in `public`.
+    let raw_pool = PgPoolOptions::new().connect(&url).await?;
+    sqlx::raw_sql(MESSAGING_MIGRATION)
+        .execute(&raw_pool)
         .await?;
-    sqlx::raw_sql(MESSAGING_MIGRATION).execute(&pool).await?;
 
-    let outcome = run_all(&pool).await;
+    let outcome = run_all(&raw_pool, &url).await;
 
-    pool.close().await;
+    raw_pool.close().await;
     sqlx::query(&format!(
         r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#
     ))
@@ -96,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     outcome
 }
 
-async fn run_all(pool: &PgPool) -> anyhow::Result<()> {
+async fn run_all(raw_pool: &PgPool, database_url: &str) -> anyhow::Result<()> {
     println!(
         "event round trip: {ROUNDS} rounds of {LATENCY_MESSAGES} sequential messages (latency) and \
          {THROUGHPUT_MESSAGES} from {PUBLISHERS} publishers (throughput) per path, paths \
@@ -111,8 +119,8 @@ async fn run_all(pool: &PgPool) -> anyhow::Result<()> {
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
 
     let (raw, mut raw_done) = RawPath::start(None).await?;
-    let (raw_inbox, mut raw_inbox_done) = RawPath::start(Some(pool.clone())).await?;
-    let ferrite = FerritePath::start(pool).await?;
+    let (raw_inbox, mut raw_inbox_done) = RawPath::start(Some(raw_pool.clone())).await?;
+    let ferrite = FerritePath::start(database_url).await?;
 
     for _ in 0..WARM_UP {
         round_trip(raw.as_ref(), &mut raw_done).await?;
@@ -430,6 +438,7 @@ impl RoundTrip for RawPath {
 /// framework does around it (the inbox row, the commit, the ack).
 struct FerritePath {
     broker: Broker,
+    pool: PgPool,
     queue: String,
     settings: AmqpSettings,
     shutdown: CancellationToken,
@@ -470,16 +479,23 @@ where
 }
 
 impl FerritePath {
-    async fn start(pool: &PgPool) -> anyhow::Result<Arc<Self>> {
+    /// A service's setup on `database_url`: its settings, pool, schema, broker and consumer.
+    async fn start(database_url: &str) -> anyhow::Result<Arc<Self>> {
         let suffix = Uuid::new_v4().simple();
-        let settings = AmqpSettings {
-            url: Secret::new(url::Url::parse(AMQP_URL)?),
-            exchange: format!("ferrite.bench.{suffix}"),
-            prefetch: PREFETCH,
-            max_deliveries: 5,
-            reconnect_delay: Duration::from_millis(500),
-        };
-        let broker = Broker::start(settings.clone(), CancellationToken::new());
+        let env = [
+            ("FERRITE_DATABASE_URL", database_url.to_owned()),
+            ("FERRITE_AMQP_URL", AMQP_URL.to_owned()),
+            ("FERRITE_AMQP_EXCHANGE", format!("ferrite.bench.{suffix}")),
+            ("FERRITE_AMQP_PREFETCH", PREFETCH.to_string()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+        let Settings { database, amqp, .. } = Settings::load(None, &env)?;
+        let pool = db::connect(&database, BENCH_SCHEMA)?;
+        db::migrate(&pool, BENCH_SCHEMA, None).await?;
+
+        let broker = Broker::start(amqp.clone(), CancellationToken::new());
         broker.wait_connected(PATIENCE).await?;
         let queue = format!("bench-ferrite-{suffix}");
         broker
@@ -496,8 +512,9 @@ impl FerritePath {
         let consumer = spawn_consumer(broker.clone(), pool.clone(), spec, shutdown.clone());
         Ok(Arc::new(Self {
             broker,
+            pool,
             queue,
-            settings,
+            settings: amqp,
             shutdown,
             consumer,
         }))
@@ -531,6 +548,7 @@ impl FerritePath {
             let _ = connection.close(200, "bench done").await;
         }
         path.broker.close().await;
+        path.pool.close().await;
     }
 }
 
