@@ -61,7 +61,7 @@ stages:
     inputs:
       datasets: [alpaca]
       base_model: stage:pre
-    keep_checkpoints: 0
+    keep_checkpoints: 4294967296
     max_attempts: twice
 ";
     let output = check(source);
@@ -69,15 +69,15 @@ stages:
     assert!(!output.status.success(), "{stderr}");
     // Line 4: the misspelt kind; line 7: `inputs` of a pretrain without `base_model`;
     // line 10: a preset ferrite_model does not know; line 14: a stage that does not exist;
-    // lines 20 and 21: job options the runner would refuse (it keeps at least one checkpoint,
-    // and attempts are counted).
+    // lines 20 and 21: job options the runner would refuse (both are u32 counts of at least
+    // one; 2^32 does not fit).
     for expected in [
         "p.yaml:4: unknown stage kind `tokeniser`",
         "p.yaml:7: a `pretrain` stage needs `inputs.base_model`",
         "p.yaml:10: hyper_parameters.preset",
         "p.yaml:14: there is no stage named `nowhere`",
-        "p.yaml:20: keep_checkpoints: must be a whole number of at least 1, not 0",
-        "p.yaml:21: max_attempts: must be a whole number of at least 1, not a string",
+        "p.yaml:20: keep_checkpoints: must be a whole number from 1 to 4294967295, not 4294967296",
+        "p.yaml:21: max_attempts: must be a whole number from 1 to 4294967295, not a string",
     ] {
         assert!(
             stderr.contains(expected),

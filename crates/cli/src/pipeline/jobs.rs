@@ -63,7 +63,8 @@ impl Stage for TrainingStage {
         for option in JOB_OPTIONS {
             // The runner refuses 0 too; saying so here fails the file before any upload.
             if let Some(node) = stage.node.get(option)
-                && !matches!(node.value, yaml::Value::Integer(count) if count >= 1)
+                && !matches!(node.value, yaml::Value::Integer(count)
+                    if (1..=i64::from(u32::MAX)).contains(&count))
             {
                 let found = match &node.value {
                     yaml::Value::Integer(count) => count.to_string(),
@@ -71,7 +72,10 @@ impl Stage for TrainingStage {
                 };
                 problems.push(LineError::new(
                     node.line,
-                    format!("{option}: must be a whole number of at least 1, not {found}"),
+                    format!(
+                        "{option}: must be a whole number from 1 to {}, not {found}",
+                        u32::MAX
+                    ),
                 ));
             }
         }
