@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, Broker, ConsumerSpec};
 use crate::auth::{self, Auth};
 use crate::db;
-use crate::error::{json_config, path_config, payload_config, query_config};
+use crate::error::{path_config, payload_config, query_config};
 use crate::http::{self, JsonLimit, Readiness};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
@@ -203,7 +203,6 @@ impl Application {
             App::new()
                 .wrap(actix_web::middleware::from_fn(http::observe))
                 .app_data(JsonLimit(state.json_limit_bytes))
-                .app_data(json_config(state.json_limit_bytes))
                 .app_data(path_config())
                 .app_data(query_config())
                 .app_data(payload_config(state.json_limit_bytes))

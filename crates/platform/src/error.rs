@@ -176,45 +176,6 @@ impl fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Settings for actix's own `web::Json`, for a handler that takes it rather than
-/// [`crate::http::Json`]: the same limit, content type and error shape, but a value of the wrong
-/// type is named only when serde names it (a missing, unknown or repeated field).
-pub fn json_config(limit_bytes: usize) -> actix_web::web::JsonConfig {
-    actix_web::web::JsonConfig::default()
-        .limit(limit_bytes)
-        .error_handler(|err, _req| {
-            use actix_web::error::JsonPayloadError;
-            let api = match &err {
-                JsonPayloadError::OverflowKnownLength { length, limit } => {
-                    body_too_large(*length, *limit)
-                }
-                JsonPayloadError::Overflow { limit } => too_large(*limit),
-                JsonPayloadError::ContentType => not_json(),
-                JsonPayloadError::Deserialize(e) => body_error(e),
-                other => {
-                    ApiError::invalid_request("invalid_json", format!("invalid body: {other}"))
-                }
-            };
-            api.into()
-        })
-}
-
-/// Names the field when serde says which one is wrong, so clients can point at it.
-fn body_error(e: &serde_json::Error) -> ApiError {
-    match e.classify() {
-        serde_json::error::Category::Data => {
-            let message = e.to_string();
-            let param = field_in_message(&message);
-            let error = ApiError::invalid_request("invalid_value", message);
-            match param {
-                Some(param) => error.with_param(param),
-                None => error,
-            }
-        }
-        _ => syntax_error(e),
-    }
-}
-
 /// A body that is not JSON at all, with the line and column where parsing stopped.
 pub(crate) fn syntax_error(e: &serde_json::Error) -> ApiError {
     ApiError::invalid_request("invalid_json", format!("the body is not valid JSON: {e}"))
@@ -329,31 +290,6 @@ mod tests {
                 "message": "bad", "type": "invalid_request_error",
                 "code": "invalid_value", "param": "max_tokens"
             }})
-        );
-    }
-
-    #[test]
-    fn a_missing_field_is_named_in_param() {
-        #[derive(Debug, serde::Deserialize)]
-        #[expect(dead_code, reason = "only deserialised")]
-        struct Request {
-            model: String,
-        }
-        let err = serde_json::from_str::<Request>("{}").expect_err("missing field");
-        assert_eq!(body_error(&err).body().param.as_deref(), Some("model"));
-    }
-
-    #[test]
-    fn a_bad_value_is_not_mistaken_for_a_field_name() {
-        #[derive(Debug, serde::Deserialize)]
-        enum Role {
-            Admin,
-        }
-        let err = serde_json::from_str::<Role>("\"root\"").expect_err("unknown variant");
-        assert_eq!(
-            body_error(&err).body().param,
-            None,
-            "`root` is the value, not a field"
         );
     }
 

@@ -592,7 +592,7 @@ async fn a_json_syntax_error_names_its_line_and_column_and_the_limits_still_hold
         "the body exceeds the limit of 1024 bytes"
     );
 
-    // The same code as actix's `web::Json` answers on the probe route, as before.
+    // The probe route of the shared test service answers the same code.
     let valid = r#"{"name": "r1", "hyper_parameters": {"lr": 0.1}}"#;
     for path in ["/v1/runs", "/v1/probe/events"] {
         let (status, body) = post_raw(&app, path, "text/plain", valid).await;

@@ -158,6 +158,27 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_missing_top_level_field_is_named_in_param() {
+        #[derive(Debug, Deserialize)]
+        #[expect(dead_code, reason = "only deserialised")]
+        struct Request {
+            model: String,
+        }
+        let error = from_slice::<Request>(b"{}").expect_err("missing field");
+        assert_eq!(error.body().param.as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn a_bad_value_is_not_mistaken_for_a_field_name() {
+        #[derive(Debug, Deserialize)]
+        enum Role {
+            Admin,
+        }
+        let error = from_slice::<Role>(b"\"root\"").expect_err("unknown variant");
+        assert_eq!(error.body().param, None, "`root` is the value, not a field");
+    }
+
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     #[expect(dead_code, reason = "only deserialised")]

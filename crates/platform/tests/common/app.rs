@@ -213,7 +213,7 @@ struct Emit {
 async fn emit(
     principal: Principal,
     pool: web::Data<PgPool>,
-    body: web::Json<Emit>,
+    body: ferrite_platform::http::Json<Emit>,
 ) -> Result<HttpResponse, ApiError> {
     principal.require(&[Role::Engineer])?;
     let mut tx = pool.begin().await?;
