@@ -147,8 +147,9 @@ pub struct RegisterVersion {
     /// Where the folder already is in object storage.
     pub artifact_prefix: String,
     // TODO: serde_path_to_error cannot follow a value into `flatten`, so a lineage field of the
-    // wrong type (`"metrics": {"loss": "low"}`) is refused without `param` (a missing or
-    // unknown one is still named); declaring the lineage fields here instead would name it.
+    // wrong type (`"metrics": {"loss": "low"}`) is refused without `param`, and so is an
+    // unknown field of the body (`flatten` takes the unknown keys); declaring the lineage
+    // fields here instead would name both.
     #[serde(flatten)]
     pub lineage: Lineage,
 }
