@@ -7,12 +7,15 @@
 //! ```
 //!
 //! Every path uses persistent messages, publisher confirms and a durable quorum queue with
-//! manual acks and the same prefetch, so the broker does the same disk work for each. Three
+//! manual acks and the same prefetch, so the broker does the same disk work for each. Four
 //! paths, in one process:
 //! - `lapin`: publish and wait for the confirm; the consumer acks at once;
-//! - `lapin + inbox tx`: the same, but the consumer first inserts the message id into an inbox
-//!   table and commits, one transaction per message on a plain sqlx pool (its defaults); the
-//!   naive price of exactly-once bookkeeping;
+//! - `lapin + commit`: the same, but before the ack the consumer inserts the message id by one
+//!   statement that commits on its own (one round trip, one disk flush) on a plain sqlx pool
+//!   (its defaults): the least that any consumer recording its messages durably, as
+//!   exactly-once delivery needs, can pay per message;
+//! - `lapin + inbox tx`: the same record inside a transaction (`BEGIN`, insert, `COMMIT`), where
+//!   a handler's effect would also go: exactly-once bookkeeping written naively by hand;
 //! - `ferrite`: the product as a service runs it: settings from `Settings::load` (the platform's
 //!   defaults, with this run's URLs, exchange and prefetch), the pool from `db::connect`, the
 //!   schema from `db::migrate`, `Broker::publish_event`, and `spawn_consumer` with the default
@@ -22,7 +25,7 @@
 //!
 //! Latency is measured one message at a time (p50, p99), throughput with 32 concurrent
 //! publishers, in rounds that alternate between the paths. The ratios at the end compare
-//! Ferrite with both lapin paths. It takes seconds once built and leaves nothing behind: its
+//! Ferrite with each lapin path, and the durable floor (`lapin + commit`) with bare lapin. It takes seconds once built and leaves nothing behind: its
 //! database, exchanges and queues are dropped at the end.
 
 use std::sync::Arc;
@@ -118,48 +121,58 @@ async fn run_all(raw_pool: &PgPool, database_url: &str) -> anyhow::Result<()> {
     }));
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
 
-    let (raw, mut raw_done) = RawPath::start(None).await?;
-    let (raw_inbox, mut raw_inbox_done) = RawPath::start(Some(raw_pool.clone())).await?;
+    // The plain client, alone and with the two ways it could record a message durably.
+    let mut references = Vec::new();
+    for bookkeeping in [
+        Bookkeeping::None,
+        Bookkeeping::Commit(raw_pool.clone()),
+        Bookkeeping::InboxTransaction(raw_pool.clone()),
+    ] {
+        let name = bookkeeping.name();
+        let (path, done) = RawPath::start(bookkeeping).await?;
+        references.push((name, path, done, Samples::default()));
+    }
     let ferrite = FerritePath::start(database_url).await?;
+    let mut ferrite_results = Samples::default();
 
     for _ in 0..WARM_UP {
-        round_trip(raw.as_ref(), &mut raw_done).await?;
-        round_trip(raw_inbox.as_ref(), &mut raw_inbox_done).await?;
+        for (_, path, done, _) in &mut references {
+            round_trip(path.as_ref(), done).await?;
+        }
         round_trip(ferrite.as_ref(), &mut ferrite_done).await?;
     }
-    // Rounds alternate between the paths, so drift in the machine's load (other builds, the
-    // broker's disk) falls on all of them alike.
-    let (mut raw_results, mut raw_inbox_results, mut ferrite_results) =
-        (Samples::default(), Samples::default(), Samples::default());
+    // Rounds alternate between the paths, message by message for latency, so drift in the
+    // machine's load (other builds, the broker's disk) falls on all of them alike.
     for _ in 0..ROUNDS {
         for _ in 0..LATENCY_MESSAGES {
-            raw_results
-                .latencies
-                .push(round_trip(raw.as_ref(), &mut raw_done).await?);
-            raw_inbox_results
-                .latencies
-                .push(round_trip(raw_inbox.as_ref(), &mut raw_inbox_done).await?);
+            for (_, path, done, samples) in &mut references {
+                samples
+                    .latencies
+                    .push(round_trip(path.as_ref(), done).await?);
+            }
             ferrite_results
                 .latencies
                 .push(round_trip(ferrite.as_ref(), &mut ferrite_done).await?);
         }
-        raw_results.busy += throughput(&raw, &mut raw_done).await?;
-        raw_inbox_results.busy += throughput(&raw_inbox, &mut raw_inbox_done).await?;
+        for (_, path, done, samples) in &mut references {
+            samples.busy += throughput(path, done).await?;
+        }
         ferrite_results.busy += throughput(&ferrite, &mut ferrite_done).await?;
     }
-    raw.stop().await;
-    raw_inbox.stop().await;
+    for (_, path, _, _) in &references {
+        path.clone().stop().await;
+    }
     ferrite.stop().await;
 
     println!(
         "{:<20} {:>9} {:>9} {:>12}",
         "path", "p50 ms", "p99 ms", "messages/s"
     );
-    for (name, samples) in [
-        ("lapin", &mut raw_results),
-        ("lapin + inbox tx", &mut raw_inbox_results),
-        ("ferrite", &mut ferrite_results),
-    ] {
+    let rows = references
+        .iter_mut()
+        .map(|(name, _, _, samples)| (*name, samples))
+        .chain([("ferrite", &mut ferrite_results)]);
+    for (name, samples) in rows {
         let rate = samples
             .rate()
             .map_or_else(|| "-".to_owned(), |rate| format!("{rate:.0}"));
@@ -169,11 +182,10 @@ async fn run_all(raw_pool: &PgPool, database_url: &str) -> anyhow::Result<()> {
             millis(samples.p(99))
         );
     }
-    // Latency ratios above 1 and throughput ratios below 1 mean Ferrite is slower.
-    for (name, reference) in [
-        ("lapin", &mut raw_results),
-        ("lapin + inbox tx", &mut raw_inbox_results),
-    ] {
+    // Latency ratios above 1 and throughput ratios below 1 mean the first path is slower.
+    let (_, _, _, bare) = &mut references[0];
+    let bare_p50 = bare.p(50);
+    for (name, _, _, reference) in &mut references {
         let throughput = match (reference.rate(), ferrite_results.rate()) {
             (Some(reference), Some(ferrite)) => {
                 format!(", messages/s {:.2}x", ferrite / reference)
@@ -186,6 +198,10 @@ async fn run_all(raw_pool: &PgPool, database_url: &str) -> anyhow::Result<()> {
             ratio(ferrite_results.p(99), reference.p(99)),
         );
     }
+    // The least that any consumer recording its messages durably pays per message, against the
+    // bare client: exactly-once delivery cannot be cheaper than this on this machine's disk.
+    let (name, _, _, commit) = &mut references[1];
+    println!("{name} / lapin: p50 {:.2}x", ratio(commit.p(50), bare_p50));
     Ok(())
 }
 
@@ -291,10 +307,57 @@ struct RawPath {
     consumer: tokio::task::JoinHandle<()>,
 }
 
+/// What the plain client's consumer writes to Postgres before it acknowledges a message.
+#[derive(Clone)]
+enum Bookkeeping {
+    /// Nothing: it acknowledges at once.
+    None,
+    /// The message id inserted by one statement that commits on its own (one round trip and
+    /// one disk flush): the cheapest durable record of a message there is.
+    Commit(PgPool),
+    /// The message id inserted into an inbox table inside a transaction, where a handler's
+    /// effect would also go (`BEGIN`, insert, `COMMIT`): what Ferrite does, written by hand.
+    InboxTransaction(PgPool),
+}
+
+impl Bookkeeping {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::None => "lapin",
+            Self::Commit(_) => "lapin + commit",
+            Self::InboxTransaction(_) => "lapin + inbox tx",
+        }
+    }
+
+    async fn record(&self, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+        let (pool, in_transaction) = match self {
+            Self::None => return Ok(()),
+            Self::Commit(pool) => (pool, false),
+            Self::InboxTransaction(pool) => (pool, true),
+        };
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .context("no message id")?;
+        let insert = sqlx::query(
+            "INSERT INTO inbox (consumer, message_id) VALUES ('raw', $1) ON CONFLICT DO NOTHING",
+        )
+        .bind(Uuid::parse_str(id.as_str())?);
+        if in_transaction {
+            let mut tx = pool.begin().await?;
+            insert.execute(&mut *tx).await?;
+            tx.commit().await?;
+        } else {
+            insert.execute(pool).await?;
+        }
+        Ok(())
+    }
+}
+
 impl RawPath {
-    /// With `inbox`, the consumer commits an inbox row before each ack, as Ferrite does.
     async fn start(
-        inbox: Option<PgPool>,
+        bookkeeping: Bookkeeping,
     ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<()>)> {
         let suffix = Uuid::new_v4().simple();
         let exchange = format!("ferrite.bench.raw.{suffix}");
@@ -350,11 +413,9 @@ impl RawPath {
             // Each delivery in a task of its own, as Ferrite's consumer does; the prefetch
             // bounds how many run at once.
             while let Some(Ok(delivery)) = deliveries.next().await {
-                let (inbox, done) = (inbox.clone(), done.clone());
+                let (bookkeeping, done) = (bookkeeping.clone(), done.clone());
                 tokio::spawn(async move {
-                    if let Some(pool) = &inbox
-                        && record_in_inbox(pool, &delivery).await.is_err()
-                    {
+                    if bookkeeping.record(&delivery).await.is_err() {
                         return;
                     }
                     if delivery.acker.ack(BasicAckOptions::default()).await.is_ok() {
@@ -390,23 +451,6 @@ impl RawPath {
         }
         let _ = self.connection.close(200, "bench done").await;
     }
-}
-
-async fn record_in_inbox(pool: &PgPool, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .context("no message id")?;
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO inbox (consumer, message_id) VALUES ('raw', $1) ON CONFLICT DO NOTHING",
-    )
-    .bind(Uuid::parse_str(id.as_str())?)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 impl RoundTrip for RawPath {
