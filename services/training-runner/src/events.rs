@@ -12,9 +12,22 @@ pub fn output_prefix(job_id: Uuid) -> String {
     format!("jobs/{job_id}/output/")
 }
 
+/// Where every checkpoint of a job goes, each in a folder of its own.
+pub fn checkpoints_root(job_id: Uuid) -> String {
+    format!("jobs/{job_id}/checkpoints/")
+}
+
 /// Where the checkpoint of `step` goes.
 pub fn checkpoint_prefix(job_id: Uuid, step: u64) -> String {
-    format!("jobs/{job_id}/checkpoints/step-{step}/")
+    format!("{}step-{step}/", checkpoints_root(job_id))
+}
+
+/// The step whose checkpoint folder holds `key`, an object key under
+/// [`checkpoints_root`]`(job_id)`; `None` for a key outside any step folder.
+pub fn checkpoint_step_of(job_id: Uuid, key: &str) -> Option<u64> {
+    let rest = key.strip_prefix(&checkpoints_root(job_id))?;
+    let (folder, _) = rest.split_once('/')?;
+    folder.strip_prefix("step-")?.parse().ok()
 }
 
 /// How a job ended, with what the event carries for that outcome.
@@ -120,5 +133,25 @@ mod tests {
         assert_eq!(event.outcome, JobOutcome::Failed as i32);
         assert_eq!(event.artifact_prefix, None);
         assert_eq!(event.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn a_key_names_its_checkpoint_step_only_inside_a_step_folder_of_its_job() {
+        let job = Uuid::from_u128(7);
+        let key = |rest: &str| format!("{}{rest}", checkpoints_root(job));
+        assert_eq!(
+            checkpoint_step_of(job, &key("step-12/model.safetensors")),
+            Some(12)
+        );
+        assert_eq!(
+            checkpoint_step_of(job, &checkpoint_prefix(job, 40)),
+            Some(40),
+            "the folder's own prefix"
+        );
+        for outside in [key("step-x/a"), key("notes.txt"), key("step-3")] {
+            assert_eq!(checkpoint_step_of(job, &outside), None, "{outside}");
+        }
+        let other_job = format!("{}step-1/a", checkpoints_root(Uuid::from_u128(8)));
+        assert_eq!(checkpoint_step_of(job, &other_job), None);
     }
 }

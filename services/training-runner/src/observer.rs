@@ -5,7 +5,7 @@
 //! blocks that thread on the worker's runtime, which is what the trainer expects (a checkpoint
 //! is in storage when `checkpoint` returns).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrite_platform::amqp::outbox;
+use ferrite_platform::storage::ObjectKey;
 use ferrite_proto::JobProgress;
 use ferrite_training::job::JobObserver;
 use sqlx::PgConnection;
 use tokio::runtime::Handle;
 
 use crate::events;
-use crate::store::{self, CheckpointRow, MetricValue};
+use crate::store::{self, MetricValue};
 use crate::transfer;
 use crate::worker::Attempt;
 
@@ -137,22 +138,24 @@ impl RunObserver {
         store::insert_checkpoint(&mut tx, id, number, step, &prefix, bytes).await?;
         let line = format!("checkpoint of step {step} written to {prefix} ({bytes} bytes)");
         store::log(&mut tx, id, Some(number), "info", &line).await?;
-        let pruned = self.prune_rows(&mut tx).await?;
+        self.prune_rows(&mut tx).await?;
         tx.commit().await?;
         tracing::info!(step, object.prefix = %prefix, size_bytes = bytes, "checkpoint written");
         // The trainer's local copy is in storage now; the disk need not hold every step.
         if let Err(error) = tokio::fs::remove_dir_all(dir).await {
             tracing::warn!(error = %error, "cannot remove the local checkpoint copy");
         }
-        self.delete_pruned(&pruned).await;
+        if self.keep_checkpoints.is_some() {
+            self.sweep_unrecorded(step).await;
+        }
         Ok(())
     }
 
     /// Deletes the rows of the checkpoints beyond the job's retention, in the transaction that
     /// records the newest (which is never among them), and names them in the job log.
-    async fn prune_rows(&self, tx: &mut PgConnection) -> anyhow::Result<Vec<CheckpointRow>> {
+    async fn prune_rows(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
         let Some(keep) = self.keep_checkpoints else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let (id, number) = (self.attempt.job_id, self.attempt.number);
         let pruned = store::prune_checkpoints(tx, id, keep).await?;
@@ -164,35 +167,67 @@ impl RunObserver {
             );
             store::log(tx, id, Some(number), "info", &line).await?;
         }
-        Ok(pruned)
+        Ok(())
     }
 
-    /// Deletes the objects of pruned checkpoints, after their rows are committed away. Best
-    /// effort: a failure leaves orphaned objects, never a row pointing at deleted data.
-    // TODO: nothing sweeps orphaned checkpoint objects later (a failed delete, or a worker killed
-    // between the commit and this call, leaves them); they take storage until removed by hand.
-    async fn delete_pruned(&self, pruned: &[CheckpointRow]) {
-        for checkpoint in pruned {
-            let (step, prefix) = (checkpoint.step, &checkpoint.prefix);
-            match transfer::delete_prefix(&self.attempt.storage, prefix).await {
-                Ok(objects) => {
-                    tracing::info!(
-                        step, object.prefix = %prefix, objects,
-                        "pruned checkpoint deleted"
-                    );
+    /// Deletes the job's checkpoint folders that no row points at, of steps before `newest`,
+    /// once the rows are committed away: the checkpoints just pruned, and any that an earlier
+    /// failed deletion, or a worker killed between a pruning commit and its deletion, left
+    /// behind. Listing the job's folders instead of trusting the pruned rows is what makes a
+    /// later checkpoint finish what an earlier one could not.
+    ///
+    /// Folders from `newest` on are left alone: this attempt writes nothing else meanwhile, and
+    /// a newer folder could only be a stale attempt's upload, which its lost lease keeps from
+    /// ever being recorded and which the next checkpoint past it sweeps. Best effort: a failure
+    /// is logged and tried again at the next checkpoint, never a row pointing at deleted data.
+    async fn sweep_unrecorded(&self, newest: u64) {
+        match self.unrecorded_steps(newest).await {
+            Ok(steps) => {
+                for step in steps {
+                    self.delete_checkpoint(step).await;
                 }
-                Err(error) => {
-                    let error = format!("{error:#}");
-                    tracing::warn!(
-                        step, object.prefix = %prefix, error,
-                        "cannot delete a pruned checkpoint"
-                    );
-                    let line = format!(
-                        "the objects of the pruned checkpoint of step {step} stay orphaned under \
-                         {prefix}: {error}"
-                    );
-                    self.attempt.log("warn", &line).await;
-                }
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::warn!(error, "cannot look for unrecorded checkpoints");
+            }
+        }
+    }
+
+    /// The steps before `newest` with objects in storage and no checkpoint row.
+    async fn unrecorded_steps(&self, newest: u64) -> anyhow::Result<BTreeSet<u64>> {
+        let id = self.attempt.job_id;
+        let recorded: BTreeSet<u64> = store::checkpoints(&self.attempt.pool, id)
+            .await?
+            .iter()
+            .filter_map(|checkpoint| u64::try_from(checkpoint.step).ok())
+            .collect();
+        let root = ObjectKey::parse(events::checkpoints_root(id).trim_end_matches('/'))?;
+        let stored = self.attempt.storage.list(&root).await?;
+        Ok(stored
+            .iter()
+            .filter_map(|object| events::checkpoint_step_of(id, &object.key))
+            .filter(|step| *step < newest && !recorded.contains(step))
+            .collect())
+    }
+
+    async fn delete_checkpoint(&self, step: u64) {
+        let prefix = events::checkpoint_prefix(self.attempt.job_id, step);
+        match transfer::delete_prefix(&self.attempt.storage, &prefix).await {
+            Ok(objects) => {
+                tracing::info!(step, object.prefix = %prefix, objects, "unrecorded checkpoint deleted");
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::warn!(
+                    step, object.prefix = %prefix, error,
+                    "cannot delete an unrecorded checkpoint; the next checkpoint tries again"
+                );
+                let line = format!(
+                    "the objects of the removed checkpoint of step {step} stay under {prefix} \
+                     until the next checkpoint: {error}"
+                );
+                self.attempt.log("warn", &line).await;
             }
         }
     }

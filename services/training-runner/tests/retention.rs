@@ -7,9 +7,14 @@ mod support;
 
 use std::collections::BTreeSet;
 
+use bytes::Bytes;
+
 use ferrite_platform::storage::ObjectKey;
 use reqwest::Method;
-use support::jobs::{PATIENCE, corpus, first_loss_step, killed_once, pretrain_spec, tokenizer};
+use support::jobs::{
+    PATIENCE, corpus, finished_after_one_loss, first_loss_step, pretrain_spec, signal_first_worker,
+    tokenizer,
+};
 use support::{RunnerApp, spawn_runner};
 
 /// The step folders (`step-N`) holding objects under the job's checkpoint prefix.
@@ -142,7 +147,16 @@ async fn a_killed_worker_keeping_one_checkpoint_resumes_from_the_newest() {
     corpus(&app).await;
     tokenizer(&app).await;
 
-    let (id, job) = killed_once(&app, pretrain_keeping(400, 4, 1)).await;
+    let (id, _) = signal_first_worker(&app, pretrain_keeping(400, 4, 1), "-KILL").await;
+    // What a kill mid-upload, or between a pruning commit and its deletion, leaves: objects in
+    // a step folder no row points at (step 3 is no multiple of 4, so no attempt writes it).
+    let orphan = ObjectKey::parse(&format!("jobs/{id}/checkpoints/step-3/model.safetensors"))
+        .expect("a valid key");
+    app.storage
+        .put(&orphan, Bytes::from_static(b"left by the killed worker"))
+        .await
+        .expect("plant the orphan");
+    let job = finished_after_one_loss(&app, &id).await;
     let attempts = job["attempts"].as_array().expect("attempts");
 
     // The second attempt's own checkpoints pruned the first's rows, so the log says which
@@ -164,12 +178,9 @@ async fn a_killed_worker_keeping_one_checkpoint_resumes_from_the_newest() {
     assert_eq!(first_loss_step(&app, &id, 2).await, Some(last_of_first + 1));
 
     // Checkpoints at the multiples of 4 below 400; keeping one leaves the newest, 396, and its
-    // objects. Other step folders are not checked: a kill between the commit that drops a row
-    // and the deletion of its objects leaves those objects orphaned, by design.
+    // objects, and nothing else: each checkpoint of the second attempt deletes every older step
+    // folder without a row, the planted one and any the kill itself left.
     assert_eq!(recorded_steps(&app, &id).await, vec![396]);
-    assert!(
-        stored_steps(&app, &id).await.contains("step-396"),
-        "the kept checkpoint's objects are in storage"
-    );
+    assert_eq!(stored_steps(&app, &id).await, step_folders([396]));
     app.stop().await;
 }

@@ -96,7 +96,14 @@ pub async fn signal_first_worker(
 /// succeed in a second attempt; returns the job id and the finished job.
 pub async fn killed_once(app: &RunnerApp, spec: serde_json::Value) -> (String, serde_json::Value) {
     let (id, _) = signal_first_worker(app, spec, "-KILL").await;
-    let job = app.wait_final(&id, PATIENCE).await;
+    let job = finished_after_one_loss(app, &id).await;
+    (id, job)
+}
+
+/// Waits for job `id`, whose first worker was killed, to succeed in a second attempt; returns
+/// the finished job.
+pub async fn finished_after_one_loss(app: &RunnerApp, id: &str) -> serde_json::Value {
+    let job = app.wait_final(id, PATIENCE).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let states: Vec<&str> = job["attempts"]
         .as_array()
@@ -105,7 +112,7 @@ pub async fn killed_once(app: &RunnerApp, spec: serde_json::Value) -> (String, s
         .filter_map(|attempt| attempt["state"].as_str())
         .collect();
     assert_eq!(states, ["lost", "succeeded"], "{job}");
-    (id, job)
+    job
 }
 
 /// The first step at which attempt `attempt` of job `id` measured a loss.
