@@ -42,7 +42,7 @@ impl LocalBackend {
         };
         Ok(Self {
             program,
-            env: worker_env(settings),
+            env: worker_env(settings, None).all(),
             ended,
             running: Arc::default(),
         })

@@ -1,47 +1,97 @@
-//! The settings a local worker process needs, as `FERRITE_*` environment variables.
+//! The settings a worker needs, as the `FERRITE_*` environment variables it reads: one list for
+//! both backends, so a setting added for workers reaches local processes and Kubernetes pods
+//! alike.
 //!
-//! A child inherits the runner's environment, but the runner's settings may have come from a
-//! file or, in tests, from a map that never touched the environment. Writing out what the
-//! worker reads makes the child see exactly the runner's Postgres, store and worker settings.
+//! A local child inherits the runner's environment, but the runner's settings may have come
+//! from a file or, in tests, from a map that never touched the environment. Writing out what
+//! the worker reads makes the child see exactly the runner's Postgres, store and worker
+//! settings. A pod gets the plain settings in its manifest and the credentials from a
+//! Kubernetes Secret.
+
+use std::path::Path;
 
 use ferrite_platform::Settings;
-use ferrite_platform::settings::{LogFormat, StoreLocation};
+use ferrite_platform::settings::{ENV_PREFIX, LogFormat, StoreLocation};
 
-/// `(name, value)` pairs for a worker's environment. They include secrets (the database URL,
-/// S3 keys): pass them only to a child process, never to a log or a manifest.
-pub fn worker_env(settings: &Settings) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("DATABASE_URL", settings.database.url.expose().to_string()),
-        ("DATABASE_MAX_CONNECTIONS", "4".to_owned()),
+/// A worker's environment, split by whether a value may be written down in the open.
+#[derive(Debug, Clone)]
+pub struct WorkerEnv {
+    /// Store, lease, pool, telemetry and API settings: fit for a manifest.
+    pub plain: Vec<(String, String)>,
+    /// The database URL and S3 keys: only for a child process's environment or a Secret,
+    /// never for a log or a manifest.
+    pub credentials: Vec<(String, String)>,
+}
+
+impl WorkerEnv {
+    /// Every variable, for a local child process.
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.plain
+            .iter()
+            .chain(&self.credentials)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The environment of a worker of `settings`, its scratch folder `scratch_dir` where the
+/// backend sets one (a pod's volume) and the settings' own otherwise.
+pub fn worker_env(settings: &Settings, scratch_dir: Option<&Path>) -> WorkerEnv {
+    let log_format = match settings.telemetry.log_format {
+        LogFormat::Json => "json",
+        LogFormat::Pretty => "pretty",
+    };
+    let plain = [
+        ("STORE", Some(store_value(&settings.store.location))),
+        ("S3_REGION", Some(settings.store.s3_region.clone())),
         (
-            "DATABASE_ACQUIRE_TIMEOUT_SECONDS",
-            settings.database.acquire_timeout.as_secs().to_string(),
+            "S3_ENDPOINT",
+            settings.store.s3_endpoint.as_ref().map(ToString::to_string),
         ),
-        ("STORE", store_value(&settings.store.location)),
-        ("S3_REGION", settings.store.s3_region.clone()),
         (
             "MULTIPART_PART_BYTES",
-            settings.store.multipart_part_bytes.to_string(),
+            Some(settings.store.multipart_part_bytes.to_string()),
+        ),
+        // A worker holds a lease, heartbeats and writes metrics: a few connections suffice.
+        ("DATABASE_MAX_CONNECTIONS", Some("4".to_owned())),
+        (
+            "DATABASE_ACQUIRE_TIMEOUT_SECONDS",
+            Some(settings.database.acquire_timeout.as_secs().to_string()),
         ),
         (
             "WORKER_LEASE_SECONDS",
-            settings.worker.lease.as_secs().to_string(),
+            Some(settings.worker.lease.as_secs().to_string()),
         ),
         (
-            "LOG_FORMAT",
-            match settings.telemetry.log_format {
-                LogFormat::Json => "json",
-                LogFormat::Pretty => "pretty",
-            }
-            .to_owned(),
+            "WORKER_MAX_ATTEMPTS",
+            Some(settings.worker.max_attempts.to_string()),
         ),
-        ("LOG_FILTER", settings.telemetry.log_filter.clone()),
-        ("SERVICE_NAME", "ferrite-worker".to_owned()),
+        (
+            "WORKER_SCRATCH_DIR",
+            scratch_dir
+                .or(settings.worker.scratch_dir.as_deref())
+                .map(|dir| dir.display().to_string()),
+        ),
+        (
+            "API_URL",
+            settings.http.api_url.as_ref().map(ToString::to_string),
+        ),
+        ("LOG_FORMAT", Some(log_format.to_owned())),
+        ("LOG_FILTER", Some(settings.telemetry.log_filter.clone())),
+        ("SERVICE_NAME", Some("ferrite-worker".to_owned())),
+        (
+            "OTLP_ENDPOINT",
+            settings
+                .telemetry
+                .otlp_endpoint
+                .as_ref()
+                .map(ToString::to_string),
+        ),
     ];
-    let optional = [
+    let credentials = [
         (
-            "S3_ENDPOINT",
-            settings.store.s3_endpoint.as_ref().map(|u| u.to_string()),
+            "DATABASE_URL",
+            Some(settings.database.url.expose().to_string()),
         ),
         (
             "S3_ACCESS_KEY",
@@ -49,7 +99,7 @@ pub fn worker_env(settings: &Settings) -> Vec<(String, String)> {
                 .store
                 .s3_access_key
                 .as_ref()
-                .map(|s| s.expose().clone()),
+                .map(|key| key.expose().clone()),
         ),
         (
             "S3_SECRET_KEY",
@@ -57,37 +107,20 @@ pub fn worker_env(settings: &Settings) -> Vec<(String, String)> {
                 .store
                 .s3_secret_key
                 .as_ref()
-                .map(|s| s.expose().clone()),
-        ),
-        (
-            "WORKER_SCRATCH_DIR",
-            settings
-                .worker
-                .scratch_dir
-                .as_ref()
-                .map(|p| p.display().to_string()),
-        ),
-        (
-            "OTLP_ENDPOINT",
-            settings
-                .telemetry
-                .otlp_endpoint
-                .as_ref()
-                .map(|u| u.to_string()),
+                .map(|key| key.expose().clone()),
         ),
     ];
-    env.extend(
-        optional
-            .into_iter()
-            .filter_map(|(name, value)| value.map(|value| (name, value))),
-    );
-    env.into_iter()
-        .map(|(name, value)| {
-            (
-                format!("{}{name}", ferrite_platform::settings::ENV_PREFIX),
-                value,
-            )
-        })
+    WorkerEnv {
+        plain: variables(plain),
+        credentials: variables(credentials),
+    }
+}
+
+/// The set values, named as the environment names them.
+fn variables<const N: usize>(values: [(&str, Option<String>); N]) -> Vec<(String, String)> {
+    values
+        .into_iter()
+        .filter_map(|(name, value)| Some((format!("{ENV_PREFIX}{name}"), value?)))
         .collect()
 }
 
@@ -123,7 +156,8 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let settings = Settings::load(None, &given).expect("valid settings");
-        let written: BTreeMap<String, String> = worker_env(&settings).into_iter().collect();
+        let written: BTreeMap<String, String> =
+            worker_env(&settings, None).all().into_iter().collect();
         let back = Settings::load(None, &written).expect("the written variables are valid");
 
         assert_eq!(
@@ -146,5 +180,49 @@ mod tests {
         );
         assert_eq!(back.worker.lease.as_secs(), 7);
         assert_eq!(back.worker.scratch_dir, Some("/tmp/scratch".into()));
+    }
+
+    /// A manifest gets `plain` only: no credential may be in it, and every credential must be
+    /// in `credentials`, or a pod would start without it.
+    #[test]
+    fn credentials_stay_out_of_the_plain_half() {
+        let given: BTreeMap<String, String> = [
+            (
+                "FERRITE_DATABASE_URL",
+                "postgres://user:db-pass@127.0.0.1/x",
+            ),
+            ("FERRITE_STORE", "s3://bucket"),
+            ("FERRITE_S3_ACCESS_KEY", "access-id"),
+            ("FERRITE_S3_SECRET_KEY", "s3-pass"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let settings = Settings::load(None, &given).expect("valid settings");
+        let env = worker_env(&settings, Some(Path::new("/scratch")));
+
+        for (name, value) in &env.plain {
+            for secret in ["db-pass", "access-id", "s3-pass"] {
+                assert!(!value.contains(secret), "{name} holds a credential");
+            }
+        }
+        let names: Vec<&str> = env.credentials.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "FERRITE_DATABASE_URL",
+                "FERRITE_S3_ACCESS_KEY",
+                "FERRITE_S3_SECRET_KEY"
+            ]
+        );
+        let plain: BTreeMap<&str, &str> = env
+            .plain
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            plain["FERRITE_WORKER_SCRATCH_DIR"], "/scratch",
+            "the backend's folder wins"
+        );
     }
 }

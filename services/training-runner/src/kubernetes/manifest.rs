@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ferrite_platform::Settings;
-use ferrite_platform::settings::{LogFormat, StoreLocation};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, PodSecurityContext,
@@ -20,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use uuid::Uuid;
 
 use crate::backend::{AttemptLaunch, Resources, Toleration};
+use crate::worker_env::worker_env;
 
 /// Label every worker Job carries; the watch selects on it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -68,68 +68,11 @@ impl WorkerTemplate {
         Self {
             namespace: settings.worker.kubernetes_namespace.clone(),
             image: settings.worker.image.clone(),
-            env: worker_env(settings, &scratch_dir),
+            env: worker_env(settings, Some(&scratch_dir)).plain,
             scratch_dir,
             secret: SETTINGS_SECRET.to_owned(),
         }
     }
-}
-
-fn worker_env(settings: &Settings, scratch_dir: &std::path::Path) -> Vec<(String, String)> {
-    let store = match &settings.store.location {
-        StoreLocation::Local(path) => path.display().to_string(),
-        StoreLocation::S3 { bucket } => format!("s3://{bucket}"),
-    };
-    let log_format = match settings.telemetry.log_format {
-        LogFormat::Json => "json",
-        LogFormat::Pretty => "pretty",
-    };
-    let mut env = vec![
-        ("FERRITE_STORE", store),
-        ("FERRITE_S3_REGION", settings.store.s3_region.clone()),
-        (
-            "FERRITE_MULTIPART_PART_BYTES",
-            settings.store.multipart_part_bytes.to_string(),
-        ),
-        // A worker holds a lease, heartbeats and writes metrics: a few connections suffice,
-        // as for the local backend's workers.
-        ("FERRITE_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
-        (
-            "FERRITE_DATABASE_ACQUIRE_TIMEOUT_SECONDS",
-            settings.database.acquire_timeout.as_secs().to_string(),
-        ),
-        (
-            "FERRITE_WORKER_LEASE_SECONDS",
-            settings.worker.lease.as_secs().to_string(),
-        ),
-        (
-            "FERRITE_WORKER_MAX_ATTEMPTS",
-            settings.worker.max_attempts.to_string(),
-        ),
-        (
-            "FERRITE_WORKER_SCRATCH_DIR",
-            scratch_dir.display().to_string(),
-        ),
-        ("FERRITE_LOG_FORMAT", log_format.to_owned()),
-        ("FERRITE_LOG_FILTER", settings.telemetry.log_filter.clone()),
-        ("FERRITE_SERVICE_NAME", "ferrite-worker".to_owned()),
-    ];
-    let optional = [
-        ("FERRITE_S3_ENDPOINT", settings.store.s3_endpoint.as_ref()),
-        ("FERRITE_API_URL", settings.http.api_url.as_ref()),
-        (
-            "FERRITE_OTLP_ENDPOINT",
-            settings.telemetry.otlp_endpoint.as_ref(),
-        ),
-    ];
-    env.extend(
-        optional
-            .into_iter()
-            .filter_map(|(name, url)| url.map(|url| (name, url.to_string()))),
-    );
-    env.into_iter()
-        .map(|(name, value)| (name.to_owned(), value))
-        .collect()
 }
 
 /// The Job's name: `ferrite-job-<job id>-<attempt>`, the id as 32 hex digits. A shorter
