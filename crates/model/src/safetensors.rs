@@ -386,6 +386,11 @@ fn corrupt(shown: &str, problem: String) -> SafetensorsError {
     }
 }
 
+/// A header longer than this is refused rather than read into memory: real headers are a few
+/// hundred kilobytes even for models with thousands of tensors, and a file from elsewhere (an
+/// upload, a shard an index names) could otherwise claim gigabytes.
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
 /// Where the tensor bytes begin, from the 8-byte header length, checked against the file.
 fn data_start(
     length_bytes: [u8; 8],
@@ -393,6 +398,14 @@ fn data_start(
     shown: &str,
 ) -> Result<u64, SafetensorsError> {
     let header_length = u64::from_le_bytes(length_bytes);
+    if header_length > MAX_HEADER_BYTES {
+        return Err(corrupt(
+            shown,
+            format!(
+                "header claims {header_length} bytes, more than the {MAX_HEADER_BYTES} allowed"
+            ),
+        ));
+    }
     header_length
         .checked_add(8)
         .filter(|end| *end <= file_length)
@@ -566,6 +579,20 @@ mod tests {
                 "cut {cut}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn a_header_length_past_the_cap_is_refused_before_it_is_read() {
+        // A file really holding one byte past the cap: refused by its length alone.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("huge.safetensors");
+        let file = std::fs::File::create(&path).expect("creates");
+        let claimed = MAX_HEADER_BYTES + 1;
+        std::io::Write::write_all(&mut &file, &claimed.to_le_bytes()).expect("writes");
+        file.set_len(8 + claimed)
+            .expect("a sparse file of that size");
+        let error = Reader::open(&path).expect_err("over the cap");
+        assert!(error.to_string().contains("more than"), "{error}");
     }
 
     #[test]
