@@ -2,23 +2,24 @@
 //!
 //! An upload is spooled to a temporary folder and checked whole before anything reaches
 //! object storage: `config.json` must be a Llama config Ferrite can load (or
-//! `adapter_config.json` a PEFT adapter config), and every `.safetensors` file must have a
-//! readable header whose tensors fit in the file. Only then are the files stored; if storing
-//! fails halfway, what was stored is deleted, so a failed upload leaves nothing behind.
+//! `adapter_config.json` a PEFT adapter config), every `.safetensors` file must have a
+//! readable header whose tensors fit in the file, and a model's weights must open as the
+//! loader opens them (`model.safetensors`, or the shards `model.safetensors.index.json`
+//! lists). Only then are the files stored; if storing fails halfway, what was stored is
+//! deleted, so a failed upload leaves nothing behind. A folder already in storage is checked
+//! the same way from its JSON files and the headers of its `.safetensors` files alone.
 
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 
+use ferrite_model::checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use ferrite_model::config::ModelConfig;
+use ferrite_model::safetensors::{MAX_HEADER_BYTES, SafetensorsError, Weights};
 use ferrite_platform::storage::{ObjectKey, Storage};
 use serde_json::{Map, Value};
 
 use crate::domain::VersionKind;
 use crate::error::RegistryError;
-
-/// A safetensors header larger than this is refused rather than read into memory; real
-/// headers are a few hundred kilobytes even for models with thousands of tensors.
-const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
 /// One file of a checked folder.
 #[derive(Debug, Clone)]
@@ -121,8 +122,12 @@ pub fn files(root: &Path) -> Result<Vec<ArtifactFile>, RegistryError> {
     Ok(out)
 }
 
-/// Checks that `files` make a usable artifact of `kind`.
-pub fn check_folder(files: &[ArtifactFile], kind: VersionKind) -> Result<(), RegistryError> {
+/// Checks that `files`, the folder at `root`, make a usable artifact of `kind`.
+pub fn check_folder(
+    root: &Path,
+    files: &[ArtifactFile],
+    kind: VersionKind,
+) -> Result<(), RegistryError> {
     let find = |name: &str| files.iter().find(|f| f.relative == name);
     let weights: Vec<&ArtifactFile> = files
         .iter()
@@ -137,15 +142,7 @@ pub fn check_folder(files: &[ArtifactFile], kind: VersionKind) -> Result<(), Reg
     match kind {
         VersionKind::Model | VersionKind::RewardModel => {
             check_model_config(require("config.json")?)?;
-            if weights.is_empty() {
-                return Err(bad(
-                    "model.safetensors",
-                    format!(
-                        "a {} needs its weights in `.safetensors` files",
-                        kind.as_str()
-                    ),
-                ));
-            }
+            check_weights(root, find(WEIGHTS_INDEX_FILE).is_some(), kind)?;
         }
         VersionKind::Adapter => {
             check_adapter_config(require("adapter_config.json")?)?;
@@ -205,6 +202,88 @@ fn check_adapter_config(file: &ArtifactFile) -> Result<(), RegistryError> {
     }
 }
 
+/// Opens the weights of the model at `root` as the loader will: the shards the index lists
+/// when there is one, else `model.safetensors`. A broken or hostile index (not JSON, a shard
+/// path that leaves the folder, a shard that is missing, a tensor placed in a shard that
+/// does not hold it) is refused here, naming the file, rather than when a job or a
+/// deployment first loads the version.
+fn check_weights(root: &Path, indexed: bool, kind: VersionKind) -> Result<(), RegistryError> {
+    let weights = Weights::open(root, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
+        .map_err(|error| weights_error(root, indexed, kind, error))?;
+    if weights.names().next().is_none() {
+        let file = if indexed {
+            WEIGHTS_INDEX_FILE
+        } else {
+            WEIGHTS_FILE
+        };
+        return Err(bad(file, format!("`{file}` holds no tensor")));
+    }
+    Ok(())
+}
+
+/// A weights error as the user's mistake, naming the file by its path in the folder rather
+/// than in the registry's scratch space.
+fn weights_error(
+    root: &Path,
+    indexed: bool,
+    kind: VersionKind,
+    error: SafetensorsError,
+) -> RegistryError {
+    let relative = |path: &str| {
+        Path::new(path)
+            .strip_prefix(root)
+            .map_or_else(|_| path.to_owned(), |p| p.display().to_string())
+    };
+    match error {
+        SafetensorsError::Io { path, source } => {
+            let file = relative(&path);
+            if file == WEIGHTS_INDEX_FILE {
+                bad(&file, format!("`{file}` is not UTF-8 text: {source}"))
+            } else if indexed {
+                // Every `.safetensors` file of the folder is on disk here (an upload is
+                // unpacked whole, a stored folder's are fetched), so a shard that cannot be
+                // opened is none of them.
+                bad(
+                    WEIGHTS_INDEX_FILE,
+                    format!(
+                        "`{WEIGHTS_INDEX_FILE}` lists the shard `{file}`, which is not a \
+                         `.safetensors` file in the folder"
+                    ),
+                )
+            } else {
+                bad(
+                    WEIGHTS_FILE,
+                    format!(
+                        "a {} needs its weights in `{WEIGHTS_FILE}`, or in shards listed by \
+                         `{WEIGHTS_INDEX_FILE}`",
+                        kind.as_str()
+                    ),
+                )
+            }
+        }
+        SafetensorsError::Corrupt { path, problem } => {
+            let file = relative(&path);
+            let what = if file == WEIGHTS_INDEX_FILE {
+                "a usable shard index"
+            } else {
+                "safetensors Ferrite can load"
+            };
+            bad(&file, format!("`{file}` is not {what}: {problem}"))
+        }
+        SafetensorsError::UnsupportedDtype { path, name, dtype } => {
+            let file = relative(&path);
+            bad(
+                &file,
+                format!("`{file}`: tensor `{name}` has dtype {dtype}, which Ferrite cannot load"),
+            )
+        }
+        // Opening reads headers only; libtorch is not involved until a tensor is read.
+        error @ SafetensorsError::Torch { .. } => {
+            RegistryError::io("cannot check the weights")(std::io::Error::other(error))
+        }
+    }
+}
+
 /// Reads a safetensors header (an 8-byte little-endian length, then JSON) without reading the
 /// tensors, and checks that every tensor's byte range lies inside the file.
 fn check_safetensors(path: &Path, shown: &str) -> Result<(), RegistryError> {
@@ -218,7 +297,7 @@ fn check_safetensors(path: &Path, shown: &str) -> Result<(), RegistryError> {
     file.read_exact(&mut length)
         .map_err(|_| corrupt(format!("{size} bytes is too short for a header")))?;
     let header_bytes = u64::from_le_bytes(length);
-    if header_bytes > MAX_SAFETENSORS_HEADER_BYTES || header_bytes > size - 8 {
+    if header_bytes > MAX_HEADER_BYTES || header_bytes > size - 8 {
         return Err(corrupt(format!(
             "the header claims {header_bytes} bytes of a {size}-byte file"
         )));
@@ -283,22 +362,46 @@ async fn store_file(
     Ok(key)
 }
 
-/// Downloads every object under `prefix` into `dir`, to check a folder registered in place.
-// TODO: this reads the whole artifact once; a ranged read of each safetensors header would
-// do, and matters for models of many gigabytes.
-pub async fn fetch_folder(
+/// Checks that the folder already stored at `prefix` (registered in place, or a training job's
+/// output) is a usable artifact of `kind`, as [`check_folder`] checks an upload.
+pub async fn check_stored(
+    storage: &Storage,
+    prefix: &ObjectKey,
+    kind: VersionKind,
+) -> Result<(), RegistryError> {
+    let scratch = tempfile::tempdir().map_err(RegistryError::io("cannot make a scratch folder"))?;
+    let files = fetch_folder(storage, prefix, scratch.path()).await?;
+    tokio::task::spawn_blocking(move || check_folder(scratch.path(), &files, kind))
+        .await
+        .map_err(|e| RegistryError::io("the artifact check failed")(std::io::Error::other(e)))?
+}
+
+/// Fetches into `dir` what [`check_folder`] reads of the folder at `prefix`: JSON files whole,
+/// and of each `.safetensors` file only its header, written at the start of a sparse file of
+/// the object's size so the header's byte ranges are still checked against the real length.
+/// Other files are not fetched, so checking a model of many gigabytes costs a few small
+/// requests per file. An empty prefix is refused, naming `artifact_prefix`.
+async fn fetch_folder(
     storage: &Storage,
     prefix: &ObjectKey,
     dir: &Path,
 ) -> Result<Vec<ArtifactFile>, RegistryError> {
-    use futures::TryStreamExt as _;
-    use tokio::io::AsyncWriteExt as _;
-
+    let objects = storage.list(prefix).await?;
+    if objects.is_empty() {
+        return Err(bad(
+            "artifact_prefix",
+            format!("nothing is stored under `{prefix}/`"),
+        ));
+    }
     let mut files = Vec::new();
-    for object in storage.list(prefix).await? {
+    for object in objects {
         let Some(relative) = relative_key(prefix, &object.key) else {
             continue;
         };
+        let header_only = relative.ends_with(".safetensors");
+        if !header_only && !relative.ends_with(".json") {
+            continue;
+        }
         let key = ObjectKey::parse(&object.key)?;
         let path = dir.join(&relative);
         if let Some(parent) = path.parent() {
@@ -306,21 +409,61 @@ pub async fn fetch_folder(
                 .await
                 .map_err(RegistryError::io("cannot make a scratch folder"))?;
         }
-        let mut out = tokio::fs::File::create(&path)
-            .await
-            .map_err(RegistryError::io("cannot write a scratch file"))?;
-        let mut chunks = std::pin::pin!(storage.get_stream(&key).await?);
-        while let Some(chunk) = chunks.try_next().await? {
-            out.write_all(&chunk)
-                .await
-                .map_err(RegistryError::io("cannot write a scratch file"))?;
+        if header_only {
+            fetch_header(storage, &key, object.size_bytes, &path).await?;
+        } else {
+            fetch_whole(storage, &key, &path).await?;
         }
-        out.flush()
-            .await
-            .map_err(RegistryError::io("cannot write a scratch file"))?;
         files.push(ArtifactFile { relative, path });
     }
     Ok(files)
+}
+
+/// Writes the safetensors header of the object at `key` (`size_bytes` long) to `path`, padded
+/// with a hole to the object's size. A length that claims more than the cap or the object
+/// holds is written alone, for the check to refuse with the numbers.
+async fn fetch_header(
+    storage: &Storage,
+    key: &ObjectKey,
+    size_bytes: u64,
+    path: &Path,
+) -> Result<(), RegistryError> {
+    use tokio::io::AsyncWriteExt as _;
+
+    let mut head = Vec::new();
+    if size_bytes > 0 {
+        head.extend_from_slice(&storage.get_range(key, 0..size_bytes.min(8)).await?);
+    }
+    if let Ok(length) = <[u8; 8]>::try_from(head.as_slice()) {
+        let header_bytes = u64::from_le_bytes(length);
+        let fits = header_bytes <= MAX_HEADER_BYTES && header_bytes <= size_bytes - 8;
+        if header_bytes > 0 && fits {
+            head.extend_from_slice(&storage.get_range(key, 8..8 + header_bytes).await?);
+        }
+    }
+    let scratch = || RegistryError::io("cannot write a scratch file");
+    let mut file = tokio::fs::File::create(path).await.map_err(scratch())?;
+    file.write_all(&head).await.map_err(scratch())?;
+    file.flush().await.map_err(scratch())?;
+    file.set_len(size_bytes).await.map_err(scratch())
+}
+
+async fn fetch_whole(storage: &Storage, key: &ObjectKey, path: &Path) -> Result<(), RegistryError> {
+    use futures::TryStreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+
+    let mut out = tokio::fs::File::create(path)
+        .await
+        .map_err(RegistryError::io("cannot write a scratch file"))?;
+    let mut chunks = std::pin::pin!(storage.get_stream(key).await?);
+    while let Some(chunk) = chunks.try_next().await? {
+        out.write_all(&chunk)
+            .await
+            .map_err(RegistryError::io("cannot write a scratch file"))?;
+    }
+    out.flush()
+        .await
+        .map_err(RegistryError::io("cannot write a scratch file"))
 }
 
 /// The path of `key` inside the folder at `prefix`, or `None` when it is not inside it.
@@ -368,10 +511,16 @@ mod tests {
         }
     }
 
-    /// A safetensors file holding one f32 tensor of 2 elements: 8 data bytes.
+    /// A safetensors file holding one f32 tensor `w` of 2 elements: 8 data bytes.
     fn safetensors(data_end: u64) -> Vec<u8> {
+        tensor_file("w", data_end)
+    }
+
+    /// A safetensors file holding one f32 tensor `name` of 2 elements, its header claiming
+    /// `data_end` as the end of its bytes (8 is right).
+    fn tensor_file(name: &str, data_end: u64) -> Vec<u8> {
         let header =
-            format!(r#"{{"w":{{"dtype":"F32","shape":[2],"data_offsets":[0,{data_end}]}}}}"#);
+            format!(r#"{{"{name}":{{"dtype":"F32","shape":[2],"data_offsets":[0,{data_end}]}}}}"#);
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(&[0u8; 8]);
@@ -405,15 +554,22 @@ mod tests {
             "adapter_config.json",
             br#"{"peft_type":"LORA","r":8,"target_modules":["q_proj"]}"#,
         );
-        assert!(check_folder(std::slice::from_ref(&config), VersionKind::Adapter).is_err());
+        assert!(
+            check_folder(
+                dir.path(),
+                std::slice::from_ref(&config),
+                VersionKind::Adapter
+            )
+            .is_err()
+        );
         let weights = write(dir.path(), "adapter_model.safetensors", &safetensors(8));
-        assert!(check_folder(&[config, weights.clone()], VersionKind::Adapter).is_ok());
+        assert!(check_folder(dir.path(), &[config, weights.clone()], VersionKind::Adapter).is_ok());
         let rankless = write(
             dir.path(),
             "adapter_config.json",
             br#"{"peft_type":"LORA"}"#,
         );
-        assert!(check_folder(&[rankless, weights], VersionKind::Adapter).is_err());
+        assert!(check_folder(dir.path(), &[rankless, weights], VersionKind::Adapter).is_err());
     }
 
     #[test]
@@ -421,6 +577,93 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let weights = write(dir.path(), "model.safetensors", &safetensors(8));
         let config = write(dir.path(), "config.json", br#"{"model_type":"gpt2"}"#);
-        assert!(check_folder(&[config, weights], VersionKind::Model).is_err());
+        assert!(check_folder(dir.path(), &[config, weights], VersionKind::Model).is_err());
+    }
+
+    /// A `tiny` config and two shards, `a` in the first and `b` in the second, with the index
+    /// `weight_map` gives (nothing is written for it when it is `None`).
+    fn sharded_model(dir: &Path, weight_map: Option<&str>) -> Vec<ArtifactFile> {
+        let config = ModelConfig::preset("tiny")
+            .expect("a preset")
+            .to_json_string();
+        let mut files = vec![
+            write(dir, "config.json", config.as_bytes()),
+            write(dir, "model-1.safetensors", &tensor_file("a", 8)),
+            write(dir, "model-2.safetensors", &tensor_file("b", 8)),
+        ];
+        if let Some(weight_map) = weight_map {
+            let index = format!(r#"{{"metadata": {{}}, "weight_map": {weight_map}}}"#);
+            files.push(write(dir, WEIGHTS_INDEX_FILE, index.as_bytes()));
+        }
+        files
+    }
+
+    /// The file a refusal names and its message; panics when the folder passes.
+    fn refusal(dir: &Path, files: &[ArtifactFile]) -> (String, String) {
+        match check_folder(dir, files, VersionKind::Model) {
+            Err(RegistryError::BadArtifact { message, param }) => (param, message),
+            other => panic!("expected a refused artifact, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sharded_model_passes_when_its_index_places_every_tensor() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = sharded_model(
+            dir.path(),
+            Some(r#"{"a": "model-1.safetensors", "b": "model-2.safetensors"}"#),
+        );
+        check_folder(dir.path(), &files, VersionKind::Model).expect("a valid sharded model");
+    }
+
+    #[test]
+    fn a_broken_or_hostile_shard_index_is_refused_naming_the_index() {
+        // Each index is wrong in one way; the words each message must hold say which.
+        let cases = [
+            (r#"{"a": "model-1.safetensors""#, "not a usable shard index"),
+            (r#"["model-1.safetensors"]"#, "not a name-to-file map"),
+            (
+                r#"{"a": "../model-1.safetensors"}"#,
+                r#""../model-1.safetensors" is not a file name"#,
+            ),
+            (
+                r#"{"a": "/etc/passwd"}"#,
+                r#""/etc/passwd" is not a file name"#,
+            ),
+            (
+                r#"{"a": "model-3.safetensors"}"#,
+                "the shard `model-3.safetensors`, which is not",
+            ),
+            // `b` is in the second shard, not the first.
+            (
+                r#"{"a": "model-1.safetensors", "b": "model-1.safetensors"}"#,
+                "puts b in model-1",
+            ),
+            (r#"{}"#, "holds no tensor"),
+        ];
+        for (weight_map, expected) in cases {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let files = sharded_model(dir.path(), Some(weight_map));
+            let (param, message) = refusal(dir.path(), &files);
+            assert_eq!(param, WEIGHTS_INDEX_FILE, "{weight_map}: {message}");
+            assert!(message.contains(expected), "{weight_map}: {message}");
+            assert!(
+                message.contains(WEIGHTS_INDEX_FILE),
+                "{weight_map}: {message}"
+            );
+            assert!(
+                !message.contains(&dir.path().display().to_string()),
+                "the scratch folder is not the user's business: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_model_whose_weights_the_loader_would_not_find_is_refused() {
+        // Shards without their index: the loader reads `model.safetensors` and finds none.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = sharded_model(dir.path(), None);
+        let (param, message) = refusal(dir.path(), &files);
+        assert_eq!(param, WEIGHTS_FILE, "{message}");
     }
 }

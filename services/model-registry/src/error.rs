@@ -4,7 +4,7 @@ use ferrite_platform::ApiError;
 use ferrite_platform::amqp::AmqpError;
 use ferrite_platform::storage::StorageError;
 
-use crate::domain::InvalidInput;
+use crate::domain::{InvalidInput, VersionKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -27,6 +27,19 @@ pub enum RegistryError {
     FileNotFound(String),
     #[error("the model `{0}` already exists")]
     ModelExists(String),
+    /// A model's versions are all of one kind: a serving alias or a `<name>` reference would
+    /// otherwise switch between, say, a whole model and an adapter from one version to the next.
+    #[error(
+        "the model `{model}` holds versions of kind `{existing}`, so a version of kind `{}` \
+         cannot be added to it; register it under a model of its own",
+        .new.as_str()
+    )]
+    KindMismatch {
+        model: String,
+        /// The kind of the versions the model holds, as stored.
+        existing: String,
+        new: VersionKind,
+    },
     #[error("{0}")]
     Forbidden(String),
     #[error(
@@ -86,6 +99,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::FileNotFound(path) => ApiError::not_found("file", &path),
             RegistryError::ModelExists(name) => {
                 ApiError::conflict("model_exists", format!("the model `{name}` already exists"))
+            }
+            error @ RegistryError::KindMismatch { .. } => {
+                ApiError::conflict("kind_mismatch", error.to_string()).with_param("kind")
             }
             RegistryError::Forbidden(message) => ApiError::forbidden(message),
             error @ RegistryError::TooLarge { .. } => ApiError::new(

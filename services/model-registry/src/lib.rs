@@ -74,7 +74,9 @@ impl ServiceModule for ModelRegistry {
             queue_name(&ctx.broker.settings().exchange),
             &[JobFinished::ROUTING_KEY],
             &ctx.broker,
-            Arc::new(RegisterJobOutput),
+            Arc::new(RegisterJobOutput {
+                storage: ctx.storage.clone(),
+            }),
         );
         Ok(Mounted {
             routes: Arc::new(move |cfg| {

@@ -213,17 +213,34 @@ pub async fn resolve(
 }
 
 /// Registers the next version of `model` and writes its `ModelVersionRegistered` event to the
-/// outbox, both in the caller's transaction.
+/// outbox, both in the caller's transaction. A version of another kind than the model's
+/// versions so far is refused with [`RegistryError::KindMismatch`].
 pub async fn insert_version(
     conn: &mut PgConnection,
     model: &Model,
     new: &NewVersion,
 ) -> Result<ModelVersion, RegistryError> {
-    // The row lock serialises registrations of one model, so numbers never collide.
+    // The row lock serialises registrations of one model, so numbers never collide and two
+    // registrations of different kinds cannot both find the model empty.
     sqlx::query("SELECT id FROM models WHERE id = $1 FOR UPDATE")
         .bind(model.id)
         .execute(&mut *conn)
         .await?;
+    let other: Option<String> = sqlx::query_scalar(
+        "SELECT kind FROM model_versions WHERE model_id = $1 AND kind <> $2
+         ORDER BY number DESC LIMIT 1",
+    )
+    .bind(model.id)
+    .bind(new.kind.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(existing) = other {
+        return Err(RegistryError::KindMismatch {
+            model: model.name.clone(),
+            existing,
+            new: new.kind,
+        });
+    }
     let number: i32 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(number), 0) + 1 FROM model_versions WHERE model_id = $1",
     )

@@ -19,7 +19,7 @@ use prost::Message as _;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::migrate::Migrator;
-use support::{PATIENCE, finished, safetensors, tar_of, tiny_model_folder};
+use support::{PATIENCE, finished, safetensors, tar_of, tiny_adapter_folder, tiny_model_folder};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -34,6 +34,8 @@ async fn a_finished_job_registers_its_output_once_even_when_delivered_twice() {
     // runner's relay publishing again after a crash): one version in the end.
     let first = Uuid::now_v7();
     let second = Uuid::now_v7();
+    let prefix = event.artifact_prefix.as_deref().expect("set");
+    registry.store_folder(prefix, &tiny_model_folder()).await;
     registry.publish(first, &event).await;
     registry.publish(first, &event).await;
     registry.publish(second, &event).await;
@@ -90,9 +92,8 @@ async fn a_lora_job_registers_an_adapter_on_its_base_and_a_failed_job_nothing() 
     let mut failed = finished("sft", "smol-failed", Some(base_id), &[]);
     failed.outcome = ferrite_proto::JobOutcome::Failed as i32;
     let lora = finished("lora", "smol-lora", Some(base_id), &[]);
-    let last = Uuid::now_v7();
     registry.publish(Uuid::now_v7(), &failed).await;
-    registry.publish(last, &lora).await;
+    registry.finish_job(&lora, &tiny_adapter_folder()).await;
 
     eventually(PATIENCE, "the adapter to be registered", || async {
         registry.get("/v1/registry/resolve/smol-lora").await.0 == 200
@@ -483,7 +484,7 @@ async fn lineage_follows_parents_with_dataset_details_and_degrades_when_datasets
     let base_id = base["id"].as_str().expect("an id").to_owned();
     let sft_data = Uuid::now_v7();
     let sft = finished("sft", "smol-sft", Some(&base_id), &[sft_data]);
-    registry.publish(Uuid::now_v7(), &sft).await;
+    registry.finish_job(&sft, &tiny_model_folder()).await;
     eventually(PATIENCE, "the SFT output", || async {
         registry.get("/v1/registry/resolve/smol-sft").await.0 == 200
     })
@@ -492,7 +493,7 @@ async fn lineage_follows_parents_with_dataset_details_and_degrades_when_datasets
     let sft_id = sft_version["id"].as_str().expect("an id").to_owned();
     let lora_data = Uuid::now_v7();
     let lora = finished("lora", "smol-lora", Some(&sft_id), &[lora_data]);
-    registry.publish(Uuid::now_v7(), &lora).await;
+    registry.finish_job(&lora, &tiny_adapter_folder()).await;
     eventually(PATIENCE, "the adapter", || async {
         registry.get("/v1/registry/resolve/smol-lora").await.0 == 200
     })

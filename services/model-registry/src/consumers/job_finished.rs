@@ -4,12 +4,19 @@
 //! (the model is created when new), with the job, its base version and its dataset versions
 //! as lineage and its final metrics. The version is unique per job, so a second delivery of
 //! the same event, even under another message id, registers nothing more.
+//!
+//! The output folder is checked as an upload is before it becomes a version. A folder that
+//! fails the check, or an output of another kind than the model's versions so far, will fail
+//! the same way on every delivery, so the message is dead-lettered at once and nothing is
+//! registered.
 
 use ferrite_platform::amqp::{Handler, HandlerError, IncomingMessage};
+use ferrite_platform::storage::{ObjectKey, Storage};
 use ferrite_proto::{JobFinished, JobOutcome};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::artifacts;
 use crate::domain::{ModelName, VersionKind, parse_ids};
 use crate::error::RegistryError;
 use crate::store::{self, NewVersion, Origin};
@@ -19,7 +26,10 @@ pub fn queue_name(exchange: &str) -> String {
     format!("{exchange}.model-registry.job-finished")
 }
 
-pub struct RegisterJobOutput;
+pub struct RegisterJobOutput {
+    /// Where the runner stored the job's output, to check it.
+    pub storage: Storage,
+}
 
 #[async_trait::async_trait]
 impl Handler for RegisterJobOutput {
@@ -35,9 +45,6 @@ impl Handler for RegisterJobOutput {
             return Ok(());
         }
         let job = Registration::parse(&event).map_err(HandlerError::Permanent)?;
-        // TODO: the artifact prefix is trusted as the runner sent it; the folder is not checked
-        // as uploads are, so a runner that published before its upload finished would register
-        // a version whose files are missing.
         if store::version_of_job(tx, job.job_id)
             .await
             .map_err(transient)?
@@ -46,6 +53,19 @@ impl Handler for RegisterJobOutput {
             tracing::info!("job output already registered");
             return Ok(());
         }
+        // The runner records success only after the output is stored, so a folder that is
+        // missing or broken now stays so.
+        artifacts::check_stored(&self.storage, &job.prefix, job.version.kind)
+            .await
+            .map_err(|error| match error {
+                RegistryError::BadArtifact { .. } => HandlerError::Permanent(anyhow::anyhow!(
+                    "the output of job {} at `{}` is not a usable {}: {error}",
+                    job.job_id,
+                    job.version.artifact_prefix,
+                    job.version.kind.as_str()
+                )),
+                error => transient(error),
+            })?;
         let model = store::ensure_model(tx, &job.model_name, &format!("job:{}", job.job_id))
             .await
             .map_err(transient)?;
@@ -58,6 +78,12 @@ impl Handler for RegisterJobOutput {
             {
                 Err(HandlerError::Permanent(anyhow::anyhow!(
                     "job {} names a base version the registry does not hold: {db}",
+                    job.job_id
+                )))
+            }
+            Err(error @ RegistryError::KindMismatch { .. }) => {
+                Err(HandlerError::Permanent(anyhow::anyhow!(
+                    "the output of job {} is not registered: {error}",
                     job.job_id
                 )))
             }
@@ -74,6 +100,8 @@ fn transient(error: RegistryError) -> HandlerError {
 struct Registration {
     job_id: Uuid,
     model_name: ModelName,
+    /// The output folder's key; `version.artifact_prefix` is the same with its trailing `/`.
+    prefix: ObjectKey,
     version: NewVersion,
 }
 
@@ -87,6 +115,9 @@ impl Registration {
             .clone()
             .filter(|prefix| !prefix.is_empty())
             .ok_or_else(|| anyhow::anyhow!("job {job_id} succeeded without an artifact prefix"))?;
+        let prefix = ObjectKey::parse(artifact_prefix.trim_end_matches('/')).map_err(|error| {
+            anyhow::anyhow!("job {job_id} has an unusable artifact prefix: {error}")
+        })?;
         let base = event
             .base_model_version_id
             .as_deref()
@@ -122,6 +153,7 @@ impl Registration {
         Ok(Self {
             job_id,
             model_name,
+            prefix,
             version,
         })
     }

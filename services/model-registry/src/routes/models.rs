@@ -156,7 +156,8 @@ pub struct RegisterVersion {
 
 #[utoipa::path(post, path = "/v1/registry/models/{name}/versions", tag = "model-registry",
     request_body = RegisterVersion,
-    responses((status = 201, body = ModelVersion), (status = 400), (status = 404)))]
+    responses((status = 201, body = ModelVersion), (status = 400), (status = 404),
+        (status = 409, description = "the model holds versions of another kind")))]
 #[tracing::instrument(skip_all, fields(model.name = %name))]
 pub async fn register_version(
     principal: Principal,
@@ -168,18 +169,7 @@ pub async fn register_version(
     let name = parse_model_name(&name)?;
     let kind = VersionKind::parse(&body.kind).map_err(|e| RegistryError::invalid("kind", e))?;
     let prefix = artifact_key(&body.artifact_prefix)?;
-    let scratch = tempfile::tempdir().map_err(RegistryError::io("cannot make a scratch folder"))?;
-    let files = artifacts::fetch_folder(&state.storage, &prefix, scratch.path()).await?;
-    if files.is_empty() {
-        return Err(RegistryError::BadArtifact {
-            message: format!("nothing is stored under `{}`", body.artifact_prefix),
-            param: "artifact_prefix".into(),
-        }
-        .into());
-    }
-    tokio::task::spawn_blocking(move || artifacts::check_folder(&files, kind))
-        .await
-        .map_err(|e| RegistryError::io("the artifact check failed")(std::io::Error::other(e)))??;
+    artifacts::check_stored(&state.storage, &prefix, kind).await?;
 
     let mut tx = state.pool.begin().await?;
     let model = store::model(&mut tx, &name).await?;

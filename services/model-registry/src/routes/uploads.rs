@@ -66,6 +66,7 @@ impl UploadQuery {
     params(UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/x-tar"),
     responses((status = 201, body = store::ModelVersion), (status = 400), (status = 404),
+        (status = 409, description = "the model holds versions of another kind"),
         (status = 413), (status = 415)))]
 #[tracing::instrument(skip_all, fields(model.name = %name, upload.size_bytes))]
 pub async fn upload(
@@ -131,8 +132,9 @@ fn unpack_and_check(
 ) -> Result<Vec<ArtifactFile>, RegistryError> {
     std::fs::create_dir_all(dir).map_err(RegistryError::io("cannot make a scratch folder"))?;
     artifacts::unpack_tar(archive, dir)?;
-    let files = artifacts::files(&artifacts::model_root(dir)?)?;
-    artifacts::check_folder(&files, kind)?;
+    let root = artifacts::model_root(dir)?;
+    let files = artifacts::files(&root)?;
+    artifacts::check_folder(&root, &files, kind)?;
     Ok(files)
 }
 

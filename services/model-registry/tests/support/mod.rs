@@ -12,6 +12,7 @@ use std::time::Duration;
 use ferrite_model::config::ModelConfig;
 use ferrite_model_registry::ModelRegistry;
 use ferrite_platform::amqp::{Broker, OutgoingMessage};
+use ferrite_platform::storage::{ObjectKey, Storage};
 use ferrite_platform::{Application, ServiceModule, Settings};
 use ferrite_proto::{Event, JobFinished, JobOutcome};
 use prost::Message as _;
@@ -178,6 +179,30 @@ impl Registry {
             .expect("RabbitMQ confirms the message");
     }
 
+    /// Stores `files` under `prefix` in the registry's store, as the training runner stores a
+    /// job's output before it publishes JobFinished.
+    pub async fn store_folder(&self, prefix: &str, files: &BTreeMap<String, Vec<u8>>) {
+        let storage = Storage::from_settings(&self.settings.store).expect("the store opens");
+        let prefix = ObjectKey::parse(prefix.trim_end_matches('/')).expect("a valid prefix");
+        for (name, bytes) in files {
+            let key = prefix.join(name).expect("a valid file name");
+            storage
+                .put(&key, bytes.clone().into())
+                .await
+                .expect("the store takes the file");
+        }
+    }
+
+    /// Stores `files` as the output of `event`'s job and publishes the event.
+    pub async fn finish_job(&self, event: &JobFinished, files: &BTreeMap<String, Vec<u8>>) {
+        let prefix = event
+            .artifact_prefix
+            .as_deref()
+            .expect("a succeeded job's prefix");
+        self.store_folder(prefix, files).await;
+        self.publish(Uuid::now_v7(), event).await;
+    }
+
     /// A queue of the test's own bound to `routing_key`, to watch what the registry emits.
     pub async fn watch(&mut self, routing_key: &str) -> String {
         let queue = format!("{}.test-watch.{routing_key}", self.settings.amqp.exchange);
@@ -232,7 +257,14 @@ pub fn finished(kind: &str, output: &str, base: Option<&str>, datasets: &[Uuid])
 /// A safetensors file of one f32 tensor `w` of shape [2], with `data_end` as the end offset
 /// its header claims; 8 is right, anything larger points past the file.
 pub fn safetensors(data_end: u64) -> Vec<u8> {
-    let header = format!(r#"{{"w":{{"dtype":"F32","shape":[2],"data_offsets":[0,{data_end}]}}}}"#);
+    tensor_file("w", data_end)
+}
+
+/// A safetensors file of one f32 tensor `name` of shape [2], its header claiming `data_end`
+/// as the end of its bytes.
+pub fn tensor_file(name: &str, data_end: u64) -> Vec<u8> {
+    let header =
+        format!(r#"{{"{name}":{{"dtype":"F32","shape":[2],"data_offsets":[0,{data_end}]}}}}"#);
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(&[0u8; 8]);
@@ -248,6 +280,17 @@ pub fn tiny_model_folder() -> BTreeMap<String, Vec<u8>> {
             config.to_json_string().into_bytes(),
         ),
         ("model.safetensors".to_owned(), safetensors(8)),
+    ])
+}
+
+/// A PEFT LoRA config and a small, well-formed adapter weights file.
+pub fn tiny_adapter_folder() -> BTreeMap<String, Vec<u8>> {
+    BTreeMap::from([
+        (
+            "adapter_config.json".to_owned(),
+            br#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}"#.to_vec(),
+        ),
+        ("adapter_model.safetensors".to_owned(), safetensors(8)),
     ])
 }
 
