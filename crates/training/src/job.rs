@@ -223,27 +223,25 @@ fn check_warmup(
 pub const MAX_DATASETS: usize = 16;
 
 /// Checks a job's inputs as the registries resolved them, before anything is downloaded:
-/// whether a base model is needed, and the kind and role of every dataset (`datasets` holds
-/// each dataset's registry kind and role, in the spec's order). Errors name `base_model` or
-/// `datasets[i]`, the way the spec spells them.
+/// whether a base model is needed and of which kind (`base_model` is the base version's
+/// registry kind, e.g. `model` or `adapter`), and the kind and role of every dataset
+/// (`datasets` holds each dataset's registry kind and role, in the spec's order). Errors name
+/// `base_model` or `datasets[i]`, the way the spec spells them.
 pub fn check_inputs(
     kind: JobKind,
-    has_base_model: bool,
+    base_model: Option<&str>,
     datasets: &[(&str, DatasetRole)],
 ) -> Result<(), FieldError> {
-    let (needs_base, readable): (bool, &[&str]) = match kind {
-        JobKind::Tokenizer => (false, &["text"]),
-        // The base of a pretraining run is the folder holding its tokenizer.
-        JobKind::Pretrain => (true, &["text"]),
-        JobKind::Sft | JobKind::Lora | JobKind::Qlora => (true, &crate::sft_job::KINDS),
+    let (bases, readable): (&[&str], &[&str]) = match kind {
+        JobKind::Tokenizer => (&[], &["text"]),
+        // The base of a pretraining run is the folder holding its tokenizer: a tokenizer, or a
+        // model saved with its tokenizer.
+        JobKind::Pretrain => (&["tokenizer", "model"], &["text"]),
+        // Fine-tuning loads the base's weights and tokenizer; an adapter holds neither.
+        JobKind::Sft | JobKind::Lora | JobKind::Qlora => (&["model"], &crate::sft_job::KINDS),
         JobKind::Reward | JobKind::Ppo | JobKind::Grpo => return Err(unsupported(kind)),
     };
-    if needs_base && !has_base_model {
-        return Err(FieldError {
-            field: "base_model".into(),
-            message: format!("a `{kind}` job needs a base model"),
-        });
-    }
+    check_base(kind, bases, base_model)?;
     if datasets.len() > MAX_DATASETS {
         return Err(FieldError {
             field: "datasets".into(),
@@ -310,6 +308,33 @@ pub fn run(
             crate::sft_job::run_sft(kind, config, inputs, observer)
         }
         other => Err(JobError::Unsupported(other)),
+    }
+}
+
+/// A job that reads a base (`bases` names the registry kinds it can start from) needs one of
+/// those kinds; an adapter given where a model belongs would otherwise fail only once the
+/// worker opened it.
+fn check_base(kind: JobKind, bases: &[&str], base_model: Option<&str>) -> Result<(), FieldError> {
+    let base_error = |message| FieldError {
+        field: "base_model".into(),
+        message,
+    };
+    match base_model {
+        _ if bases.is_empty() => Ok(()),
+        None => Err(base_error(format!("a `{kind}` job needs a base model"))),
+        Some(base) if bases.contains(&base) => Ok(()),
+        Some(base) => {
+            let wanted = bases.iter().map(|b| format!("`{b}`")).collect::<Vec<_>>();
+            let hint = if base == "adapter" {
+                " (an adapter holds only its low-rank weights; start from the model it adapts)"
+            } else {
+                ""
+            };
+            Err(base_error(format!(
+                "is a version of kind `{base}`; a `{kind}` job starts from one of kind {}{hint}",
+                wanted.join(" or ")
+            )))
+        }
     }
 }
 
@@ -657,15 +682,15 @@ mod tests {
     #[test]
     fn inputs_a_job_can_run_pass() {
         assert_eq!(
-            check_inputs(JobKind::Tokenizer, false, &[("text", Train)]),
+            check_inputs(JobKind::Tokenizer, None, &[("text", Train)]),
             Ok(())
         );
         assert_eq!(
-            check_inputs(JobKind::Pretrain, true, &[("text", Train)]),
+            check_inputs(JobKind::Pretrain, Some("tokenizer"), &[("text", Train)]),
             Ok(())
         );
         let chats = [("chat", Train), ("sft", Eval)];
-        assert_eq!(check_inputs(JobKind::Qlora, true, &chats), Ok(()));
+        assert_eq!(check_inputs(JobKind::Qlora, Some("model"), &chats), Ok(()));
     }
 
     #[test]
@@ -683,39 +708,66 @@ mod tests {
                 "sft"
             };
             assert_eq!(
-                field_of(check_inputs(kind, false, &[(dataset, Train)])),
+                field_of(check_inputs(kind, None, &[(dataset, Train)])),
                 "base_model"
             );
         }
         // Wrong kinds: the first dataset is the offender.
         assert_eq!(
-            field_of(check_inputs(JobKind::Tokenizer, false, &[("sft", Train)])),
+            field_of(check_inputs(JobKind::Tokenizer, None, &[("sft", Train)])),
             "datasets[0]"
         );
         assert_eq!(
-            field_of(check_inputs(JobKind::Sft, true, &[("text", Train)])),
+            field_of(check_inputs(
+                JobKind::Sft,
+                Some("model"),
+                &[("text", Train)]
+            )),
             "datasets[0]"
         );
         // Counts: the second train dataset is one too many; an eval-only job has no train set;
         // a tokenizer holds out its own evaluation text.
         let two = [("text", Train), ("text", Train)];
         assert_eq!(
-            field_of(check_inputs(JobKind::Tokenizer, false, &two)),
+            field_of(check_inputs(JobKind::Tokenizer, None, &two)),
             "datasets[1]"
         );
         assert_eq!(
-            field_of(check_inputs(JobKind::Sft, true, &[("chat", Eval)])),
+            field_of(check_inputs(JobKind::Sft, Some("model"), &[("chat", Eval)])),
             "datasets"
         );
         let with_eval = [("text", Train), ("text", Eval)];
         assert_eq!(
-            field_of(check_inputs(JobKind::Pretrain, true, &with_eval)),
+            field_of(check_inputs(JobKind::Pretrain, Some("model"), &with_eval)),
             "datasets[1]"
         );
         let two_evals = [("chat", Train), ("chat", Eval), ("chat", Eval)];
         assert_eq!(
-            field_of(check_inputs(JobKind::Lora, true, &two_evals)),
+            field_of(check_inputs(JobKind::Lora, Some("model"), &two_evals)),
             "datasets[2]"
+        );
+    }
+
+    #[test]
+    fn a_base_of_a_kind_the_job_cannot_start_from_is_refused() {
+        // Regression: an adapter as an SFT base was accepted and failed only in the worker,
+        // which found no tokenizer.json in it. No job starts from an adapter, and fine-tuning
+        // needs a whole model, not a tokenizer alone.
+        let chats = [("chat", Train)];
+        for (kind, base, datasets) in [
+            (JobKind::Sft, "adapter", &chats[..]),
+            (JobKind::Lora, "adapter", &chats[..]),
+            (JobKind::Qlora, "tokenizer", &chats[..]),
+            (JobKind::Pretrain, "adapter", &[("text", Train)][..]),
+        ] {
+            let error = check_inputs(kind, Some(base), datasets).expect_err("refused");
+            assert_eq!(error.field, "base_model", "{kind} on {base}");
+            assert!(error.message.contains(base), "{}", error.message);
+        }
+        // A tokenizer job reads no base, so whatever is named is not its concern.
+        assert_eq!(
+            check_inputs(JobKind::Tokenizer, Some("adapter"), &[("text", Train)]),
+            Ok(())
         );
     }
 

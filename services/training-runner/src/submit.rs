@@ -166,29 +166,34 @@ pub async fn resolve(
             object_key: text("object_key")?,
         });
     }
-    let base_model = match &spec.base_model {
+    let (base_model, base_kind) = match &spec.base_model {
         Some(reference) => {
             let path = format!("/v1/registry/resolve/{reference}");
             let version = lookup(peers, &path, "base_model", "model", reference).await?;
-            Some(ResolvedModel {
+            let text = |name: &str| string_field(&version, name, "base_model", reference);
+            let model = ResolvedModel {
                 reference: reference.clone(),
-                version_id: string_field(&version, "id", "base_model", reference)?,
-                artifact_prefix: string_field(
-                    &version,
-                    "artifact_prefix",
-                    "base_model",
-                    reference,
-                )?,
-            })
+                version_id: text("id")?,
+                artifact_prefix: text("artifact_prefix")?,
+            };
+            (Some(model), Some(text("kind")?))
         }
-        None => None,
+        None => (None, None),
     };
     let found: Vec<_> = datasets
         .iter()
         .map(|dataset| (dataset.kind.as_str(), dataset.role))
         .collect();
-    job::check_inputs(kind, base_model.is_some(), &found)
-        .map_err(|error| invalid(error.field, error.message))?;
+    job::check_inputs(kind, base_kind.as_deref(), &found).map_err(|error| {
+        let message = match &spec.base_model {
+            // The rule knows the base by its kind only; the user knows it by its reference.
+            Some(reference) if error.field == "base_model" => {
+                format!("`{reference}` {}", error.message)
+            }
+            _ => error.message,
+        };
+        invalid(error.field, message)
+    })?;
     Ok(ResolvedJob {
         kind,
         base_model,

@@ -132,6 +132,8 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
     corpus(&app).await;
     app.registries.add_model("tok:1", "models/nowhere/");
     app.registries
+        .add_version("chat-lora:1", "adapter", "models/nowhere-lora/");
+    app.registries
         .add_dataset("chats", "chat", "jsonl", "datasets/corpus-sample");
     let many: Vec<_> = (0..17).map(|_| json!({"reference": "corpus"})).collect();
     let cases = [
@@ -244,6 +246,13 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
             "datasets",
             "invalid_value",
         ),
+        // Regression: an adapter as the base was accepted and failed only in the worker.
+        // Fine-tuning starts from a whole model; an adapter holds only its low-rank weights.
+        (
+            json!({"kind": "sft", "base_model": "chat-lora:1", "datasets": [{"reference": "chats"}]}),
+            "base_model",
+            "invalid_value",
+        ),
         // 17 references, one over the cap of 16, refused before any is resolved.
         (
             json!({"kind": "tokenizer", "datasets": many}),
@@ -274,6 +283,14 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
         assert_eq!(status, 400, "{spec} -> {body}");
         assert_eq!(body["error"]["param"], field, "{spec} -> {body}");
         assert_eq!(body["error"]["code"], code, "{spec} -> {body}");
+    }
+    // A base of the wrong kind is named by its reference, with its kind and the one wanted.
+    let adapter_base = json!({"kind": "sft", "base_model": "chat-lora:1",
+                              "datasets": [{"reference": "chats"}]});
+    let (_, body) = app.call(Method::POST, "/v1/jobs", Some(adapter_base)).await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    for word in ["`chat-lora:1`", "`adapter`", "`model`"] {
+        assert!(message.contains(word), "`{word}` missing: {body}");
     }
 
     let pool = app.runner_pool().await;

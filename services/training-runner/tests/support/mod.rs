@@ -58,10 +58,15 @@ impl Registries {
 
     /// Registers a model version under `reference` whose folder is at `artifact_prefix`.
     pub fn add_model(&self, reference: &str, artifact_prefix: &str) -> String {
+        self.add_version(reference, "model", artifact_prefix)
+    }
+
+    /// Registers a version of `kind` (`model`, `adapter`, `tokenizer`) under `reference`.
+    pub fn add_version(&self, reference: &str, kind: &str, artifact_prefix: &str) -> String {
         let id = uuid::Uuid::now_v7().to_string();
         let version = serde_json::json!({
             "id": id, "model_id": uuid::Uuid::now_v7(), "model_name": reference, "number": 1,
-            "kind": "model", "artifact_prefix": artifact_prefix, "base_version_id": null,
+            "kind": kind, "artifact_prefix": artifact_prefix, "base_version_id": null,
             "source_job_id": null, "metrics": {}, "created_at": "2026-01-01T00:00:00Z",
         });
         lock(&self.models).insert(reference.to_owned(), version);
