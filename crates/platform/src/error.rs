@@ -194,11 +194,17 @@ pub(crate) fn field_in_message(message: &str) -> Option<String> {
     Some(message[start..end].to_owned())
 }
 
-/// The 400 for a JSON route's body sent as another content type (or none).
-pub(crate) fn not_json() -> ApiError {
-    ApiError::invalid_request(
+/// The 415 for a JSON route's body sent as another content type (or none); `sent` says what
+/// the request declared instead, to finish the sentence "the request declared ...".
+pub(crate) fn not_json(sent: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
         "invalid_content_type",
-        "the body must be JSON with `Content-Type: application/json`",
+        format!(
+            "the body must be JSON, sent with `Content-Type: application/json`; the request \
+             declared {sent}"
+        ),
     )
 }
 

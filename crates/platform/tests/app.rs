@@ -520,6 +520,13 @@ async fn a_json_body_of_the_wrong_shape_is_refused_naming_the_path_of_the_value_
             "hyper_parameters.epochs",
         ),
         (run(json!({"name": ["r1"]})), "name"),
+        // Regression: a struct was also read from an array, its fields taken by position, so
+        // these passed as `{"lr": 0.1}` and `{"reference": "b"}`.
+        (run(json!({"hyper_parameters": [0.1]})), "hyper_parameters"),
+        (
+            run(json!({"datasets": [{"reference": "a"}, ["b"]]})),
+            "datasets[1]",
+        ),
     ];
     for (spec, param) in cases {
         let (status, body) = app
@@ -536,6 +543,21 @@ async fn a_json_body_of_the_wrong_shape_is_refused_naming_the_path_of_the_value_
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(param), "the message names it: {message}");
     }
+
+    // The whole body as an array (`[name, hyper_parameters]`) is refused the same way; no
+    // path names the body itself.
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/v1/runs",
+            Some(ADMIN_TOKEN),
+            Some(json!(["r1", {"lr": 0.1}])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_of(&body), (&json!("invalid_value"), &Value::Null));
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("expected a JSON object"), "{message}");
 
     // A field repeated in the raw text, which `json!` cannot write.
     let repeated = r#"{"name": "r1", "hyper_parameters": {"lr": 0.1, "lr": 0.2}}"#;
@@ -592,15 +614,44 @@ async fn a_json_syntax_error_names_its_line_and_column_and_the_limits_still_hold
         "the body exceeds the limit of 1024 bytes"
     );
 
-    // The probe route of the shared test service answers the same code.
+    // A valid body declared as anything but JSON is a 415, on the probe route of the shared
+    // test service as on this one: `curl -d` declares the form type, and `text/json` is not
+    // `application/`.
     let valid = r#"{"name": "r1", "hyper_parameters": {"lr": 0.1}}"#;
-    for path in ["/v1/runs", "/v1/probe/events"] {
-        let (status, body) = post_raw(&app, path, "text/plain", valid).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
-        assert_eq!(body["error"]["code"], "invalid_content_type", "{path}");
+    for (path, content_type) in [
+        ("/v1/runs", "text/plain"),
+        ("/v1/probe/events", "text/plain"),
+        ("/v1/runs", "application/x-www-form-urlencoded"),
+        ("/v1/runs", "text/json"),
+    ] {
+        let (status, body) = post_raw(&app, path, content_type, valid).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_content_type");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(content_type),
+            "it names what came: {message}"
+        );
     }
-    let (status, _) = post_raw(&app, "/v1/runs", "application/merge-patch+json", valid).await;
-    assert_eq!(status, StatusCode::CREATED, "a +json type is JSON");
+    // So is one that declares no type at all.
+    let undeclared = app
+        .client
+        .post(app.url("/v1/runs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(valid)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(undeclared.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    for content_type in [
+        "application/merge-patch+json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+    ] {
+        let (status, _) = post_raw(&app, "/v1/runs", content_type, valid).await;
+        assert_eq!(status, StatusCode::CREATED, "{content_type} is JSON");
+    }
 
     // A gzip body is inflated as actix's extractors inflate it.
     let compressed = {

@@ -1,5 +1,7 @@
 //! The JSON body extractor of every route: a refusal names the path of the value at fault.
 
+mod objects;
+
 use std::ops::{Deref, DerefMut};
 
 use actix_web::body::{BodyStream, to_bytes_limited};
@@ -12,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::error::Category;
 use serde_path_to_error::Path;
 
+use self::objects::ObjectsOnly;
 use crate::error::{
     ApiError, body_too_large, field_in_message, not_json, payload_error, syntax_error, too_large,
 };
@@ -21,13 +24,14 @@ use crate::error::{
 #[derive(Debug, Clone, Copy)]
 pub struct JsonLimit(pub usize);
 
-/// A request body of `application/json` (or any `+json` type) parsed as `T`.
+/// A request body of `application/json` (or any `application/*+json` type) parsed as `T`.
 ///
 /// Unlike actix's `web::Json`, a value of the wrong type is refused with its full path as
 /// `param` (`hyper_parameters.lr`, `messages[1].content`) rather than with serde's sentence
-/// alone, which says what was wrong but not where. A body over [`JsonLimit`] is a 413, one of
-/// another content type a 400 `invalid_content_type`, and one that is not JSON a 400 naming
-/// the line and column.
+/// alone, which says what was wrong but not where, and a struct is read from a JSON object
+/// only, never from an array. A body over [`JsonLimit`] is a 413, one of another content type
+/// (or none) a 415 `invalid_content_type`, and one that is not JSON a 400 naming the line and
+/// column.
 #[derive(Debug)]
 pub struct Json<T>(pub T);
 
@@ -79,15 +83,7 @@ fn admit(req: &HttpRequest) -> Result<usize, ApiError> {
         .app_data::<JsonLimit>()
         .ok_or_else(|| ApiError::internal(&NoLimit))?
         .0;
-    // No `Content-Type` at all is refused too: a form-encoded body sent without one would
-    // otherwise be reported as a JSON syntax error.
-    let json = match req.mime_type() {
-        Ok(Some(mime)) => mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"),
-        _ => false,
-    };
-    if !json {
-        return Err(not_json());
-    }
+    declares_json(req)?;
     // An unreadable `Content-Length` is left to the read, which counts the bytes themselves.
     let length = req
         .headers()
@@ -97,6 +93,29 @@ fn admit(req: &HttpRequest) -> Result<usize, ApiError> {
     match length {
         Some(length) if length > limit => Err(body_too_large(length, limit)),
         _ => Ok(limit),
+    }
+}
+
+/// Whether the body is declared JSON: `application/json` or `application/<anything>+json`,
+/// parameters such as `charset=utf-8` allowed.
+///
+/// A request without `Content-Type` is refused too. Every client that means to send JSON says
+/// so (OpenAI's SDKs, reqwest's `.json`, `curl --json` or `-H`), so refusing it costs no real
+/// client, while reading an undeclared body as JSON on a guess hides the client's mistake: a
+/// form body (`a=1`) would come back as a JSON syntax error at column 1 rather than as the
+/// header to add. `curl -d` without `-H` declares `application/x-www-form-urlencoded`, and the
+/// 415 names that type.
+fn declares_json(req: &HttpRequest) -> Result<(), ApiError> {
+    match req.mime_type() {
+        Ok(Some(mime))
+            if mime.type_() == "application"
+                && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json")) =>
+        {
+            Ok(())
+        }
+        Ok(Some(mime)) => Err(not_json(&format!("`{}`", mime.essence_str()))),
+        Ok(None) => Err(not_json("no `Content-Type`")),
+        Err(_) => Err(not_json("an unreadable `Content-Type`")),
     }
 }
 
@@ -110,10 +129,13 @@ async fn read(stream: Decompress<Payload>, limit: usize) -> Result<Bytes, ApiErr
 
 /// Parses a whole body as `T`, trailing input refused as `serde_json::from_slice` refuses it.
 /// A syntax error is a 400 `invalid_json` naming its line and column; a value of the wrong
-/// type, a missing, unknown or repeated field a 400 `invalid_value` naming its path.
+/// type (an array where a struct belongs among them), a missing, unknown or repeated field a
+/// 400 `invalid_value` naming its path.
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    // The path is tracked outside the object check, so a refused array is named by its path.
+    let checked = ObjectsOnly(&mut deserializer);
+    let value = serde_path_to_error::deserialize(checked).map_err(|error| {
         let inner = error.inner();
         // serde_json calls a token a plain enum cannot start with (`"role": 7`) a syntax error;
         // if the body is valid JSON, the fault is the value at the path, not the syntax.
