@@ -37,8 +37,6 @@ pub struct Gateway {
     pub deployments: Arc<Deployments>,
     pub pool: PgPool,
     pub loader: Loader,
-    /// The platform's body limit (`http.json_limit_bytes`), stated in a 413.
-    pub body_limit: usize,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -88,7 +86,6 @@ impl ServiceModule for InferenceGateway {
                 cache_dir,
                 max_batch_sequences: MAX_BATCH_SEQUENCES,
             },
-            body_limit: ctx.settings.http.json_limit_bytes,
         });
         let reload = Box::pin(reload(gateway.clone().into_inner()));
         Ok(Mounted {

@@ -35,15 +35,25 @@ fn reassemble(events: &[Value], chat: bool) -> (Vec<String>, Vec<Vec<Value>>) {
 
 /// POSTs `raw` bytes as a JSON body to `/v1/completions`; the status and the error body.
 async fn post_raw(gateway: &TestGateway, raw: String) -> (reqwest::StatusCode, Value) {
-    let response = gateway
+    post_typed(gateway, "/v1/completions", Some("application/json"), raw).await
+}
+
+/// POSTs `raw` bytes to `path` with `content_type` (none when `None`); status and body.
+async fn post_typed(
+    gateway: &TestGateway,
+    path: &str,
+    content_type: Option<&str>,
+    raw: String,
+) -> (reqwest::StatusCode, Value) {
+    let mut request = gateway
         .client
-        .post(gateway.url("/v1/completions"))
+        .post(gateway.url(path))
         .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "application/json")
-        .body(raw)
-        .send()
-        .await
-        .expect("answers");
+        .body(raw);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.expect("answers");
     let status = response.status();
     (status, response.json().await.expect("an error body"))
 }
@@ -301,7 +311,7 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
     }
 
     // 300 bytes are 300 tokens (no merges), one more with BOS; the tiny preset's context is 256.
-    // 300 KiB is also over actix's 256 KiB raw-body default but under the configured 16 MiB
+    // 300 KiB is also over actix's own 256 KiB body default but under the configured 16 MiB
     // limit (the test settings keep the default), so it reaches the context check, not a 413.
     for bytes in [300, 300 * 1024] {
         let long = "x".repeat(bytes);
@@ -359,6 +369,51 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
     // The body ends after the space that follows the colon, the 10th character of line 1.
     let (_, body) = post_raw(&gateway, "{\"model\": ".to_owned()).await;
     assert_eq!(body["error"]["param"], "line 1, column 10", "{body}");
+
+    // Regression: a valid request declared as another type, or as none, was served. It is a
+    // 415 in the OpenAI shape: `curl -d` declares the form type, a browser's `fetch` of a
+    // string `text/plain`.
+    let messages = json!([{"role": "user", "content": "the cat"}]);
+    let chat = json!({"model": MODEL, "messages": messages, "max_tokens": 1});
+    for (path, content_type) in [
+        (
+            "/v1/chat/completions",
+            Some("application/x-www-form-urlencoded"),
+        ),
+        ("/v1/completions", Some("text/plain;charset=UTF-8")),
+        ("/v1/chat/completions", None),
+    ] {
+        let (status, body) = post_typed(&gateway, path, content_type, chat.to_string()).await;
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_content_type");
+    }
+    let (status, body) = post_typed(
+        &gateway,
+        "/v1/chat/completions",
+        Some("application/json; charset=utf-8"),
+        chat.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "a charset is allowed: {body}");
+
+    // Regression: a response format the engine cannot honour was ignored, and JSON asked
+    // for came back as free text; `text` is what it always does.
+    for (kind, expected) in [("json_object", 400), ("json_schema", 400), ("text", 200)] {
+        let (status, body) = gateway
+            .post(
+                "/v1/chat/completions",
+                ADMIN_TOKEN,
+                &json!({"model": MODEL, "messages": messages, "max_tokens": 1,
+                    "response_format": {"type": kind}}),
+            )
+            .await;
+        assert_eq!(status.as_u16(), expected, "{kind}: {body}");
+        if expected == 400 {
+            assert_eq!(body["error"]["param"], "response_format.type", "{kind}");
+            assert_eq!(body["error"]["code"], "invalid_value", "{kind}");
+        }
+    }
 
     // Regression: a bad message was blamed on `messages` as a whole. Index 1 is the second
     // message, the one whose content is a number and whose role is unknown.

@@ -13,9 +13,6 @@ use crate::engine::ModelInfo;
 /// Why a request was refused before generation started.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// Not JSON at all, refused as every JSON route refuses it, naming the line and column.
-    #[error("{0}")]
-    Json(ApiError),
     #[error("the body must be a JSON object")]
     NotAnObject,
     #[error("`{0}` is required")]
@@ -50,7 +47,6 @@ impl From<RequestError> for ApiError {
     fn from(error: RequestError) -> Self {
         let message = error.to_string();
         match error {
-            RequestError::Json(refusal) => refusal,
             RequestError::NotAnObject => ApiError::invalid_request("invalid_json", message),
             RequestError::Missing(param) => {
                 ApiError::invalid_request("missing_field", message).with_param(param)
@@ -87,9 +83,9 @@ pub enum LogprobsFormat {
 pub struct Body(Map<String, Value>);
 
 impl Body {
-    /// Parses bytes that must hold one JSON object.
-    pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
-        match ferrite_platform::http::from_slice(bytes).map_err(RequestError::Json)? {
+    /// The body as read by the JSON extractor, which must be one object.
+    pub fn new(body: Value) -> Result<Self, RequestError> {
+        match body {
             Value::Object(map) => Ok(Self(map)),
             _ => Err(RequestError::NotAnObject),
         }
@@ -194,6 +190,34 @@ impl Body {
             return Err(invalid("prompt", "`prompt` is empty".to_string()));
         }
         Ok(text)
+    }
+
+    /// The chat endpoint's `response_format`: absent or `{"type": "text"}`. The engine only
+    /// generates free text and cannot hold its output to JSON, so `json_object` and
+    /// `json_schema` (and any type it does not know) are refused rather than ignored: a client
+    /// that asked for JSON would otherwise get text it then fails to parse.
+    pub fn response_format(&self) -> Result<(), RequestError> {
+        const TYPE: &str = "response_format.type";
+        let Some(format) =
+            self.get::<Map<String, Value>>("response_format", "an object with `type`")?
+        else {
+            return Ok(());
+        };
+        match format.get("type") {
+            Some(Value::String(kind)) if kind == "text" => Ok(()),
+            Some(Value::String(kind)) => Err(invalid(
+                TYPE,
+                format!(
+                    "`{TYPE}` `{kind}` is not supported: this server generates plain text, so \
+                     the only supported type is `text`"
+                ),
+            )),
+            None | Some(Value::Null) => Err(RequestError::Missing(TYPE)),
+            Some(other) => Err(invalid(
+                TYPE,
+                format!("`{TYPE}` must be a string, got {other}"),
+            )),
+        }
     }
 
     /// The chat endpoint's conversation.
@@ -463,7 +487,8 @@ mod tests {
     use super::*;
 
     fn body(json: &str) -> Body {
-        Body::parse(json.as_bytes()).expect("an object")
+        let value = serde_json::from_str(json).expect("test bodies are JSON");
+        Body::new(value).expect("an object")
     }
 
     fn refused_param(result: Result<impl std::fmt::Debug, RequestError>) -> String {
@@ -488,17 +513,46 @@ mod tests {
     #[test]
     fn a_body_that_is_not_an_object_is_refused() {
         assert!(matches!(
-            Body::parse(b"[1, 2]"),
+            Body::new(serde_json::json!([1, 2])),
             Err(RequestError::NotAnObject)
         ));
-        // The body ends after the colon, the 9th character of line 1.
-        match Body::parse(b"{\"model\":") {
-            Err(RequestError::Json(refusal)) => {
-                assert_eq!(refusal.body().code.as_deref(), Some("invalid_json"));
-                assert_eq!(refusal.body().param.as_deref(), Some("line 1, column 9"));
-            }
-            other => panic!("expected a syntax error, got {other:?}"),
+    }
+
+    #[test]
+    fn response_format_text_is_accepted_and_json_formats_are_refused() {
+        for accepted in [
+            "{}",
+            r#"{"response_format": null}"#,
+            r#"{"response_format": {"type": "text"}}"#,
+        ] {
+            assert!(body(accepted).response_format().is_ok(), "{accepted}");
         }
+        // Regression: these were accepted and answered with free text.
+        for kind in ["json_object", "json_schema", "yaml"] {
+            let request = format!(r#"{{"response_format": {{"type": "{kind}"}}}}"#);
+            match body(&request).response_format() {
+                Err(RequestError::Invalid { param, message }) => {
+                    assert_eq!(param, "response_format.type");
+                    assert!(
+                        message.contains(kind) && message.contains("only supported type is `text`"),
+                        "it names what came and what is supported: {message}"
+                    );
+                }
+                other => panic!("{kind} must be refused, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            refused_param(body(r#"{"response_format": {"type": 1}}"#).response_format()),
+            "response_format.type"
+        );
+        assert_eq!(
+            refused_param(body(r#"{"response_format": "json"}"#).response_format()),
+            "response_format"
+        );
+        assert!(matches!(
+            body(r#"{"response_format": {}}"#).response_format(),
+            Err(RequestError::Missing("response_format.type"))
+        ));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use ferrite_model::tokenizer::TokenizerError;
 use ferrite_platform::ApiError;
 use ferrite_platform::auth::Principal;
-use ferrite_platform::error::payload_error;
-use serde_json::json;
+use ferrite_platform::http::Json;
+use serde_json::{Value, json};
 
 use crate::Gateway;
 use crate::deployments::Deployment;
@@ -72,15 +72,15 @@ fn model_object(deployment: &Deployment) -> serde_json::Value {
     responses((status = 200, description = "a completion, or an event stream of chunks"),
         (status = 400, body = ferrite_platform::error::ErrorEnvelope),
         (status = 404, body = ferrite_platform::error::ErrorEnvelope),
-        (status = 413, body = ferrite_platform::error::ErrorEnvelope)),
+        (status = 413, body = ferrite_platform::error::ErrorEnvelope),
+        (status = 415, body = ferrite_platform::error::ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn completions(
     _principal: Principal,
     gateway: web::Data<Gateway>,
-    body: Result<Bytes, actix_web::Error>,
+    body: Json<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.map_err(|error| payload_error(&error, gateway.body_limit))?;
-    serve(&gateway, &body, Endpoint::Completion).await
+    serve(&gateway, body.into_inner(), Endpoint::Completion).await
 }
 
 /// The assistant's reply to a conversation, rendered with the model's chat template.
@@ -89,15 +89,15 @@ pub async fn completions(
     responses((status = 200, description = "a chat completion, or an event stream of chunks"),
         (status = 400, body = ferrite_platform::error::ErrorEnvelope),
         (status = 404, body = ferrite_platform::error::ErrorEnvelope),
-        (status = 413, body = ferrite_platform::error::ErrorEnvelope)),
+        (status = 413, body = ferrite_platform::error::ErrorEnvelope),
+        (status = 415, body = ferrite_platform::error::ErrorEnvelope)),
     security(("bearer" = [])))]
 pub async fn chat_completions(
     _principal: Principal,
     gateway: web::Data<Gateway>,
-    body: Result<Bytes, actix_web::Error>,
+    body: Json<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.map_err(|error| payload_error(&error, gateway.body_limit))?;
-    serve(&gateway, &body, Endpoint::Chat).await
+    serve(&gateway, body.into_inner(), Endpoint::Chat).await
 }
 
 /// A request checked and tokenized, ready to queue.
@@ -109,8 +109,8 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(gateway: &Gateway, bytes: &[u8], endpoint: Endpoint) -> Result<Prepared, RequestError> {
-    let body = Body::parse(bytes)?;
+fn prepare(gateway: &Gateway, body: Value, endpoint: Endpoint) -> Result<Prepared, RequestError> {
+    let body = Body::new(body)?;
     let model = body.model()?;
     let stream = body.stream()?;
     let include_usage = body.include_usage()?;
@@ -128,6 +128,7 @@ fn prepare(gateway: &Gateway, bytes: &[u8], endpoint: Endpoint) -> Result<Prepar
             (ids, LogprobsFormat::Completion)
         }
         Endpoint::Chat => {
+            body.response_format()?;
             let messages = body.messages()?;
             let rendered = tokenizer
                 .render_chat(&messages, true)
@@ -150,10 +151,10 @@ fn prepare(gateway: &Gateway, bytes: &[u8], endpoint: Endpoint) -> Result<Prepar
 
 async fn serve(
     gateway: &Gateway,
-    bytes: &[u8],
+    body: Value,
     endpoint: Endpoint,
 ) -> Result<HttpResponse, ApiError> {
-    let prepared = prepare(gateway, bytes, endpoint)?;
+    let prepared = prepare(gateway, body, endpoint)?;
     let prompt_tokens = prepared.request.prompt.len();
     let choices = prepared.request.choices.len();
     let renderer = prepared
