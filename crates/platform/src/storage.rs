@@ -136,8 +136,12 @@ impl Storage {
                 std::fs::create_dir_all(path).map_err(|e| {
                     StorageError::Config(format!("cannot create {}: {e}", path.display()))
                 })?;
+                // S3 has no folders, so deleting the last object under a prefix leaves nothing;
+                // a local folder would keep the empty directories (one per pruned checkpoint)
+                // unless the store removes them, which it does up to, never including, `path`.
                 let store = LocalFileSystem::new_with_prefix(path)
-                    .map_err(|e| StorageError::Config(e.to_string()))?;
+                    .map_err(|e| StorageError::Config(e.to_string()))?
+                    .with_automatic_cleanup(true);
                 (Arc::new(store), format!("local folder {}", path.display()))
             }
             StoreLocation::S3 { bucket } => {

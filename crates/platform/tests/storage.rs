@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use bytes::Bytes;
 use common::s3::S3Server;
 use ferrite_platform::Settings;
@@ -15,6 +17,76 @@ fn s3_storage(server: &S3Server) -> Storage {
 
 fn key(text: &str) -> ObjectKey {
     ObjectKey::parse(text).expect("a valid key")
+}
+
+/// A store in a fresh local folder, and that folder, which the store creates.
+fn local_storage() -> (Storage, PathBuf) {
+    let root = std::env::temp_dir().join(common::unique_name("ferrite-local-store"));
+    let env = [("FERRITE_STORE".to_owned(), root.display().to_string())]
+        .into_iter()
+        .collect();
+    let settings = Settings::load(None, &env).expect("valid settings");
+    let storage = Storage::from_settings(&settings.store).expect("store configured");
+    (storage, root)
+}
+
+/// Every folder under `root`, relative to it, sorted.
+fn folders(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).expect("a readable folder") {
+            let path = entry.expect("a readable entry").path();
+            if path.is_dir() {
+                let relative = path.strip_prefix(root).expect("under the root");
+                found.push(relative.display().to_string());
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn deleting_the_last_object_under_a_prefix_leaves_no_empty_folder_in_a_local_store() {
+    let (storage, root) = local_storage();
+    let checkpoint = |step: u32| key(&format!("checkpoints/job-1/step-{step}/model.safetensors"));
+    for step in [100, 200] {
+        storage
+            .put(&checkpoint(step), Bytes::from_static(b"weights"))
+            .await
+            .expect("put");
+    }
+    let job = ["checkpoints", "checkpoints/job-1"];
+    assert_eq!(
+        folders(&root),
+        [
+            &job[..],
+            &["checkpoints/job-1/step-100", "checkpoints/job-1/step-200"]
+        ]
+        .concat()
+    );
+
+    // Regression: pruning the older checkpoint, as the training runner does, left its empty
+    // folder behind. The job's folder stays: it still holds the newer checkpoint.
+    storage.delete(&checkpoint(100)).await.expect("delete");
+    assert_eq!(
+        folders(&root),
+        [&job[..], &["checkpoints/job-1/step-200"]].concat()
+    );
+
+    // The last object under `checkpoints` goes, and every folder up to the root with it.
+    storage.delete(&checkpoint(200)).await.expect("delete");
+    assert_eq!(folders(&root), Vec::<String>::new());
+    assert!(root.is_dir(), "the store's root stays");
+
+    // The readiness probe writes and deletes an object in the root itself, the root's only
+    // entry: deleting it must not take the root, or the next write would fail.
+    storage.check().await.expect("the store takes writes");
+    assert!(root.is_dir(), "the store's root stays");
+    storage.check().await.expect("the store still takes writes");
+    std::fs::remove_dir_all(&root).expect("remove the test folder");
 }
 
 #[tokio::test]
