@@ -36,6 +36,21 @@ routing_keys! {
     AliasMoved => "registry.alias_moved",
 }
 
+/// The kind of model version, as the model registry records it (`model`, `adapter`,
+/// `tokenizer`, `reward_model`), that a training job of `job_kind` (`JobFinished.kind`)
+/// produces: LoRA and QLoRA train adapters on a frozen base, the tokenizer job a tokenizer, the
+/// reward job a reward model, and every other kind a whole model. The runner checks an output
+/// model's kind with it at submission and the registry records the output with it, so both
+/// read one rule.
+pub fn version_kind_of_job(job_kind: &str) -> &'static str {
+    match job_kind {
+        "lora" | "qlora" => "adapter",
+        "tokenizer" => "tokenizer",
+        "reward" => "reward_model",
+        _ => "model",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,16 +114,11 @@ impl VersionKind {
         }
     }
 
-    /// The kind of version a finished training job of `job_kind` produces: LoRA and QLoRA
-    /// train adapters on a frozen base, the tokenizer job a tokenizer, the reward job a reward
-    /// model, and every other kind a whole model.
+    /// The kind of version a finished training job of `job_kind` produces, by the rule the
+    /// runner also checks submissions with ([`ferrite_proto::version_kind_of_job`]).
     pub fn of_job(job_kind: &str) -> Self {
-        match job_kind {
-            "lora" | "qlora" => VersionKind::Adapter,
-            "tokenizer" => VersionKind::Tokenizer,
-            "reward" => VersionKind::RewardModel,
-            _ => VersionKind::Model,
-        }
+        Self::parse(ferrite_proto::version_kind_of_job(job_kind))
+            .expect("version_kind_of_job names one of the registry's kinds")
     }
 }
 

@@ -23,6 +23,18 @@ pub enum SubmitError {
         what: &'static str,
         reference: String,
     },
+    /// The output model holds versions of another kind than the job produces.
+    #[error(
+        "`{model}` holds {existing} versions and a {job_kind} job produces {produced} versions; \
+         the model registry would refuse this job's output once it has run: name another \
+         output_model_name"
+    )]
+    OutputKindMismatch {
+        model: String,
+        job_kind: &'static str,
+        existing: String,
+        produced: &'static str,
+    },
     #[error("cannot resolve `{reference}`: {source}")]
     Unavailable {
         reference: String,
@@ -40,6 +52,11 @@ impl From<SubmitError> for ApiError {
             SubmitError::NotFound { field, what, .. } => {
                 ApiError::invalid_request(&format!("{what}_not_found"), error.to_string())
                     .with_param(field)
+            }
+            // The registry's own answer to such a version, so a client handles both alike.
+            SubmitError::OutputKindMismatch { .. } => {
+                ApiError::conflict("kind_mismatch", error.to_string())
+                    .with_param("output_model_name")
             }
             SubmitError::Unavailable { .. } => {
                 tracing::warn!(error = %ferrite_platform::error::ErrorChain(&error), "a registry did not answer");
@@ -194,6 +211,9 @@ pub async fn resolve(
         };
         invalid(error.field, message)
     })?;
+    if let Some(name) = &spec.output_model_name {
+        check_output_model(peers, name, kind).await?;
+    }
     Ok(ResolvedJob {
         kind,
         base_model,
@@ -205,6 +225,40 @@ pub async fn resolve(
             .clone()
             .unwrap_or_else(|| default_output_name(kind, job_id)),
         keep_checkpoints: keep_checkpoints(spec)?,
+    })
+}
+
+/// Refuses an `output_model_name` whose model holds versions of another kind than the job
+/// produces (an adapter job adding to a full model, say): the registry would refuse the output
+/// only after the job had run. A name the registry does not know yet is a new model. The
+/// registry still checks on registration, which also covers a model that gains versions of
+/// another kind while the job runs.
+async fn check_output_model(peers: &Peers, name: &str, kind: JobKind) -> Result<(), SubmitError> {
+    let field = "output_model_name";
+    // A bare name resolves to the model's latest version; all its versions share one kind.
+    let latest = match lookup(
+        peers,
+        &format!("/v1/registry/resolve/{name}"),
+        field,
+        "model",
+        name,
+    )
+    .await
+    {
+        Ok(latest) => latest,
+        Err(SubmitError::NotFound { .. }) => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let existing = string_field(&latest, "kind", field, name)?;
+    let produced = ferrite_proto::version_kind_of_job(kind.as_str());
+    if existing == produced {
+        return Ok(());
+    }
+    Err(SubmitError::OutputKindMismatch {
+        model: name.to_owned(),
+        job_kind: kind.as_str(),
+        existing,
+        produced,
     })
 }
 

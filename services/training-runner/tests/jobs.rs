@@ -133,6 +133,9 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
     app.registries.add_model("tok:1", "models/nowhere/");
     app.registries
         .add_version("chat-lora:1", "adapter", "models/nowhere-lora/");
+    // `chat-lora` resolves (as a bare name, its latest version) to an adapter.
+    app.registries
+        .add_version("chat-lora", "adapter", "models/nowhere-lora/");
     app.registries
         .add_dataset("chats", "chat", "jsonl", "datasets/corpus-sample");
     let many: Vec<_> = (0..17).map(|_| json!({"reference": "corpus"})).collect();
@@ -290,6 +293,19 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
     let (_, body) = app.call(Method::POST, "/v1/jobs", Some(adapter_base)).await;
     let message = body["error"]["message"].as_str().unwrap_or_default();
     for word in ["`chat-lora:1`", "`adapter`", "`model`"] {
+        assert!(message.contains(word), "`{word}` missing: {body}");
+    }
+    // Regression: full fine-tuning into a model of adapters ran, then the registry refused its
+    // output (a 409 there, the JobFinished dead-lettered). Now the same 409 comes at once.
+    let into_adapters = json!({"kind": "sft", "base_model": "tok:1",
+                               "datasets": [{"reference": "chats"}],
+                               "output_model_name": "chat-lora"});
+    let (status, body) = app.call(Method::POST, "/v1/jobs", Some(into_adapters)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "kind_mismatch", "{body}");
+    assert_eq!(body["error"]["param"], "output_model_name", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    for word in ["`chat-lora`", "adapter versions", "sft job produces model versions"] {
         assert!(message.contains(word), "`{word}` missing: {body}");
     }
 
