@@ -313,14 +313,19 @@ pub fn run(
 
 /// A job that reads a base (`bases` names the registry kinds it can start from) needs one of
 /// those kinds; an adapter given where a model belongs would otherwise fail only once the
-/// worker opened it.
+/// worker opened it. A job that reads none (`bases` empty) takes none: the worker would
+/// download a base it never opens, and the output's lineage would name it as its parent.
 fn check_base(kind: JobKind, bases: &[&str], base_model: Option<&str>) -> Result<(), FieldError> {
     let base_error = |message| FieldError {
         field: "base_model".into(),
         message,
     };
     match base_model {
-        _ if bases.is_empty() => Ok(()),
+        None if bases.is_empty() => Ok(()),
+        Some(_) if bases.is_empty() => Err(base_error(format!(
+            "cannot be the base of a `{kind}` job, which starts from its datasets alone; \
+             leave base_model out"
+        ))),
         None => Err(base_error(format!("a `{kind}` job needs a base model"))),
         Some(base) if bases.contains(&base) => Ok(()),
         Some(base) => {
@@ -764,11 +769,23 @@ mod tests {
             assert_eq!(error.field, "base_model", "{kind} on {base}");
             assert!(error.message.contains(base), "{}", error.message);
         }
-        // A tokenizer job reads no base, so whatever is named is not its concern.
-        assert_eq!(
-            check_inputs(JobKind::Tokenizer, Some("adapter"), &[("text", Train)]),
-            Ok(())
-        );
+    }
+
+    #[test]
+    fn a_tokenizer_job_refuses_any_base() {
+        // Regression: a tokenizer job named an adapter as its base and was accepted; the worker
+        // downloaded it for nothing and the tokenizer's lineage named it as the parent. A
+        // tokenizer trains from its text alone, so every kind of base is refused.
+        for base in ["adapter", "model", "tokenizer"] {
+            let error = check_inputs(JobKind::Tokenizer, Some(base), &[("text", Train)])
+                .expect_err("refused");
+            assert_eq!(error.field, "base_model", "{base}");
+            assert!(
+                error.message.contains("leave base_model out"),
+                "{}",
+                error.message
+            );
+        }
     }
 
     #[test]

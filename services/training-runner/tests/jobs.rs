@@ -256,6 +256,14 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
             "base_model",
             "invalid_value",
         ),
+        // Regression: a tokenizer job took an adapter as its base, downloaded it for nothing
+        // and recorded it as the tokenizer's parent. A tokenizer job takes no base at all.
+        (
+            json!({"kind": "tokenizer", "base_model": "chat-lora:1",
+                   "datasets": [{"reference": "corpus"}]}),
+            "base_model",
+            "invalid_value",
+        ),
         // 17 references, one over the cap of 16, refused before any is resolved.
         (
             json!({"kind": "tokenizer", "datasets": many}),
@@ -300,12 +308,18 @@ async fn bad_specs_are_refused_naming_the_field_and_store_nothing() {
     let into_adapters = json!({"kind": "sft", "base_model": "tok:1",
                                "datasets": [{"reference": "chats"}],
                                "output_model_name": "chat-lora"});
-    let (status, body) = app.call(Method::POST, "/v1/jobs", Some(into_adapters)).await;
+    let (status, body) = app
+        .call(Method::POST, "/v1/jobs", Some(into_adapters))
+        .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "kind_mismatch", "{body}");
     assert_eq!(body["error"]["param"], "output_model_name", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
-    for word in ["`chat-lora`", "adapter versions", "sft job produces model versions"] {
+    for word in [
+        "`chat-lora`",
+        "adapter versions",
+        "sft job produces model versions",
+    ] {
         assert!(message.contains(word), "`{word}` missing: {body}");
     }
 
