@@ -15,12 +15,15 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::backend::{AttemptEnded, AttemptLaunch, Backend, EndedSender};
+use crate::worker;
 use crate::worker_env::worker_env;
 
 /// Starts workers as child processes.
 pub struct LocalBackend {
     program: PathBuf,
     env: Vec<(String, String)>,
+    /// The workers' scratch setting, under which each attempt has a folder.
+    scratch_root: Option<PathBuf>,
     ended: EndedSender,
     /// Children still running.
     running: Arc<Mutex<HashMap<(Uuid, u32), Child>>>,
@@ -43,6 +46,7 @@ impl LocalBackend {
         Ok(Self {
             program,
             env: worker_env(settings, None).all(),
+            scratch_root: settings.worker.scratch_dir.clone(),
             ended,
             running: Arc::default(),
         })
@@ -88,6 +92,8 @@ impl Backend for LocalBackend {
 
         let running = self.running.clone();
         let ended = self.ended.clone();
+        let scratch =
+            worker::scratch_dir(self.scratch_root.as_deref(), launch.job_id, launch.attempt);
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -105,6 +111,17 @@ impl Backend for LocalBackend {
                 Ok(status) => (status.success(), format!("worker exited: {status}")),
                 Err(error) => (false, format!("cannot wait for the worker: {error}")),
             };
+            // A worker that ends on its own removes its folder; a killed one leaves it, with
+            // the base model and datasets in it, to be removed here.
+            match tokio::fs::remove_dir_all(&scratch).await {
+                Ok(()) => {
+                    tracing::info!(dir = %scratch.display(), "removed the scratch folder the worker left")
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(error = %error, dir = %scratch.display(), "cannot remove the worker's scratch folder");
+                }
+            }
             // The receiver is gone only when the runner is shutting down.
             let _ = ended.send(AttemptEnded {
                 job_id: key.0,

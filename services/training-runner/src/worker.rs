@@ -90,7 +90,11 @@ pub async fn run_worker(settings: Settings, job_id: Uuid, attempt: u32) -> anyho
         stop_heartbeat.clone(),
     ));
 
-    let scratch = scratch_dir(&settings, job_id, attempt.number);
+    let scratch = scratch_dir(
+        settings.worker.scratch_dir.as_deref(),
+        job_id,
+        attempt.number,
+    );
     let result = train(&attempt, &scratch, &flags).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
@@ -240,12 +244,13 @@ fn device(job: &ResolvedJob) -> anyhow::Result<tch::Device> {
     ferrite_model::device::resolve("cuda").context("the job asks for a GPU")
 }
 
-fn scratch_dir(settings: &Settings, job_id: Uuid, attempt: u32) -> PathBuf {
-    settings
-        .worker
-        .scratch_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir)
+/// The folder attempt `attempt` of job `job_id` works in: its datasets, base, checkpoints and
+/// output. The worker removes it when it ends; the local backend removes it after a worker
+/// that could not (killed, crashed).
+///
+/// `root` is the worker's scratch setting; without one, the system's temporary folder.
+pub(crate) fn scratch_dir(root: Option<&Path>, job_id: Uuid, attempt: u32) -> PathBuf {
+    root.map_or_else(std::env::temp_dir, Path::to_path_buf)
         .join(format!("ferrite-job-{job_id}-{attempt}"))
 }
 

@@ -158,6 +158,12 @@ async fn a_killed_worker_keeping_one_checkpoint_resumes_from_the_newest() {
         .expect("plant the orphan");
     let job = finished_after_one_loss(&app, &id).await;
     let attempts = job["attempts"].as_array().expect("attempts");
+    // The killed worker could not remove its scratch folder (its base, its datasets); the
+    // runner did, once it saw the worker gone. The second attempt removed its own.
+    for attempt in [1, 2] {
+        let folder = app.scratch.join(format!("ferrite-job-{id}-{attempt}"));
+        assert!(!folder.exists(), "{} is left behind", folder.display());
+    }
 
     // The second attempt's own checkpoints pruned the first's rows, so the log says which
     // step the first attempt recorded last.

@@ -8,6 +8,7 @@
 )]
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -174,6 +175,8 @@ pub struct RunnerApp {
     pub app: TestApp,
     pub registries: Arc<Registries>,
     pub storage: Storage,
+    /// The workers' scratch folder (`FERRITE_WORKER_SCRATCH_DIR`).
+    pub scratch: PathBuf,
     /// The events exchange, which names this test's queues.
     pub exchange: String,
     queues: Vec<String>,
@@ -249,6 +252,7 @@ pub async fn spawn_runner_with(peers: Peers, extra: &[(&str, &str)]) -> RunnerAp
         app,
         registries,
         storage,
+        scratch,
         queues: vec![
             ferrite_training_runner::consumer::queue_name(&exchange),
             finished_queue,
