@@ -272,6 +272,13 @@ impl Reader {
     }
 }
 
+/// What a shard index holds that the reader uses; its `metadata` and anything else are
+/// skipped unparsed, so reading the index costs its bytes and the map, never a JSON tree.
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
 /// A model's weights as one set of names, whether they sit in one safetensors file or in
 /// shards listed by an index (`{"weight_map": {"<tensor>": "<file>"}}`, the layout
 /// `transformers` writes for models past its shard size).
@@ -298,19 +305,18 @@ impl Weights {
             });
         }
         let shown = index_path.display().to_string();
-        let text = std::fs::read_to_string(&index_path).map_err(|source| SafetensorsError::Io {
+        let bytes = std::fs::read(&index_path).map_err(|source| SafetensorsError::Io {
             path: shown.clone(),
             source,
         })?;
-        let parsed: Value = serde_json::from_str(&text)
-            .map_err(|error| corrupt(&shown, format!("not JSON: {error}")))?;
-        let weight_map: BTreeMap<String, String> =
-            serde_json::from_value(parsed["weight_map"].clone()).map_err(|error| {
-                corrupt(
-                    &shown,
-                    format!("weight_map is not a name-to-file map: {error}"),
-                )
-            })?;
+        let ShardIndex { weight_map } = serde_json::from_slice(&bytes).map_err(|error| {
+            let problem = if error.is_data() {
+                format!("weight_map is not a name-to-file map: {error}")
+            } else {
+                format!("not JSON: {error}")
+            };
+            corrupt(&shown, problem)
+        })?;
         let mut readers = Vec::new();
         let mut shards: BTreeMap<&str, usize> = BTreeMap::new();
         let mut owners = BTreeMap::new();

@@ -9,6 +9,7 @@
 //! deleted, so a failed upload leaves nothing behind. A folder already in storage is checked
 //! the same way from its JSON files and the headers of its `.safetensors` files alone.
 
+use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 
@@ -16,6 +17,8 @@ use ferrite_model::checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use ferrite_model::config::ModelConfig;
 use ferrite_model::safetensors::{MAX_HEADER_BYTES, SafetensorsError, Weights};
 use ferrite_platform::storage::{ObjectKey, Storage};
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::{Map, Value};
 
 use crate::domain::VersionKind;
@@ -122,12 +125,48 @@ pub fn files(root: &Path) -> Result<Vec<ArtifactFile>, RegistryError> {
     Ok(out)
 }
 
+/// The JSON files the check reads. Any other file is stored as it came, unread.
+const READ_JSON_FILES: [&str; 4] = [
+    "config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    WEIGHTS_INDEX_FILE,
+];
+
+/// The largest JSON file the check reads. The biggest a real model needs is its
+/// `tokenizer.json`: about 9 MB for Llama 3's 128k vocabulary, about 33 MB for Gemma 3's 262k;
+/// configs and shard indexes are kilobytes. Twice Gemma 3's leaves room for a larger
+/// vocabulary, and bounds what one upload can make the registry hold while it parses (the
+/// file's bytes, as nothing is parsed into a tree).
+pub const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Refuses a JSON file the check would read when it is over [`MAX_JSON_BYTES`], before a byte
+/// of it is read.
+fn check_json_size(relative: &str, size_bytes: u64) -> Result<(), RegistryError> {
+    if READ_JSON_FILES.contains(&relative) && size_bytes > MAX_JSON_BYTES {
+        return Err(bad(
+            relative,
+            format!(
+                "`{relative}` is {size_bytes} bytes, more than the {MAX_JSON_BYTES} a model's \
+                 JSON file may hold"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `files`, the folder at `root`, make a usable artifact of `kind`.
 pub fn check_folder(
     root: &Path,
     files: &[ArtifactFile],
     kind: VersionKind,
 ) -> Result<(), RegistryError> {
+    for file in files {
+        let size_bytes = std::fs::metadata(&file.path)
+            .map_err(RegistryError::io("cannot read an unpacked file"))?
+            .len();
+        check_json_size(&file.relative, size_bytes)?;
+    }
     let find = |name: &str| files.iter().find(|f| f.relative == name);
     let weights: Vec<&ArtifactFile> = files
         .iter()
@@ -149,38 +188,48 @@ pub fn check_folder(
             require("adapter_model.safetensors")?;
         }
         VersionKind::Tokenizer => {
-            read_json_object(require("tokenizer.json")?)?;
+            check_json_object(require("tokenizer.json")?)?;
         }
     }
     if let Some(tokenizer) = find("tokenizer.json") {
-        read_json_object(tokenizer)?;
+        check_json_object(tokenizer)?;
     }
     Ok(())
 }
 
-fn read_json_object(file: &ArtifactFile) -> Result<Map<String, Value>, RegistryError> {
-    let text = std::fs::read_to_string(&file.path).map_err(|e| {
-        bad(
-            &file.relative,
-            format!("`{}` is not UTF-8 text: {e}", file.relative),
-        )
-    })?;
-    match serde_json::from_str(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(bad(
-            &file.relative,
-            format!("`{}` is not a JSON object", file.relative),
-        )),
-        Err(e) => Err(bad(
-            &file.relative,
-            format!("`{}` is not valid JSON: {e}", file.relative),
-        )),
-    }
+/// Reads `file` (already known to be within [`MAX_JSON_BYTES`]) as a `T`. Each `T` names only
+/// the fields the check looks at; serde skips the rest without building them, so parsing costs
+/// the file's bytes and not a tree many times their size. `shape` says what the file should be
+/// when it is valid JSON of another shape.
+fn read_json<T: DeserializeOwned>(file: &ArtifactFile, shape: &str) -> Result<T, RegistryError> {
+    let shown = &file.relative;
+    let bytes =
+        std::fs::read(&file.path).map_err(RegistryError::io("cannot read an unpacked file"))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let problem = if e.is_data() {
+            format!("is not {shape}")
+        } else {
+            "is not valid JSON".to_owned()
+        };
+        bad(shown, format!("`{shown}` {problem}: {e}"))
+    })
 }
 
-fn check_model_config(file: &ArtifactFile) -> Result<(), RegistryError> {
-    let text = serde_json::to_string(&read_json_object(file)?).unwrap_or_default();
-    ModelConfig::from_json_str(&text).map(|_| ()).map_err(|e| {
+/// A file that must be a JSON object, whatever it holds.
+fn check_json_object(file: &ArtifactFile) -> Result<(), RegistryError> {
+    read_json::<BTreeMap<String, IgnoredAny>>(file, "a JSON object").map(drop)
+}
+
+fn check_model_config(file: &ArtifactFile) -> Result<ModelConfig, RegistryError> {
+    let bytes =
+        std::fs::read(&file.path).map_err(RegistryError::io("cannot read an unpacked file"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        bad(
+            &file.relative,
+            format!("`config.json` is not UTF-8 text: {e}"),
+        )
+    })?;
+    ModelConfig::from_json_str(text).map_err(|e| {
         bad(
             &file.relative,
             format!("`config.json` is not a Llama config: {e}"),
@@ -188,18 +237,24 @@ fn check_model_config(file: &ArtifactFile) -> Result<(), RegistryError> {
     })
 }
 
+/// What the check reads of a PEFT `adapter_config.json`; the rest is skipped unread.
+#[derive(Deserialize)]
+struct AdapterConfig {
+    peft_type: String,
+    r: u64,
+}
+
 /// A PEFT LoRA config names its type and a positive rank.
 fn check_adapter_config(file: &ArtifactFile) -> Result<(), RegistryError> {
-    let config = read_json_object(file)?;
-    let peft_type = config.get("peft_type").and_then(Value::as_str);
-    let rank = config.get("r").and_then(Value::as_u64).filter(|r| *r > 0);
-    match (peft_type, rank) {
-        (Some(_), Some(_)) => Ok(()),
-        _ => Err(bad(
+    let needs = "a PEFT config with `peft_type` and a positive rank `r`";
+    let config: AdapterConfig = read_json(file, needs)?;
+    if config.peft_type.is_empty() || config.r == 0 {
+        return Err(bad(
             &file.relative,
-            "`adapter_config.json` needs `peft_type` and a positive rank `r`",
-        )),
+            format!("`adapter_config.json` is not {needs}"),
+        ));
     }
+    Ok(())
 }
 
 /// Opens the weights of the model at `root` as the loader will: the shards the index lists
@@ -376,8 +431,8 @@ pub async fn check_stored(
         .map_err(|e| RegistryError::io("the artifact check failed")(std::io::Error::other(e)))?
 }
 
-/// Fetches into `dir` what [`check_folder`] reads of the folder at `prefix`: JSON files whole,
-/// and of each `.safetensors` file only its header, written at the start of a sparse file of
+/// Fetches into `dir` what [`check_folder`] reads of the folder at `prefix`: the JSON files it
+/// reads whole (refusing one over [`MAX_JSON_BYTES`] before it is downloaded), and of each `.safetensors` file only its header, written at the start of a sparse file of
 /// the object's size so the header's byte ranges are still checked against the real length.
 /// Other files are not fetched, so checking a model of many gigabytes costs a few small
 /// requests per file. An empty prefix is refused, naming `artifact_prefix`.
@@ -399,9 +454,10 @@ async fn fetch_folder(
             continue;
         };
         let header_only = relative.ends_with(".safetensors");
-        if !header_only && !relative.ends_with(".json") {
+        if !header_only && !READ_JSON_FILES.contains(&relative.as_str()) {
             continue;
         }
+        check_json_size(&relative, object.size_bytes)?;
         let key = ObjectKey::parse(&object.key)?;
         let path = dir.join(&relative);
         if let Some(parent) = path.parent() {
@@ -570,6 +626,44 @@ mod tests {
             br#"{"peft_type":"LORA"}"#,
         );
         assert!(check_folder(dir.path(), &[rankless, weights], VersionKind::Adapter).is_err());
+    }
+
+    #[test]
+    fn a_json_file_over_the_cap_is_refused_naming_it_before_it_is_read() {
+        // A sparse file of zeros one byte past the cap: were it read, the refusal would say
+        // it is not JSON instead of giving its size.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokenizer = write(dir.path(), "tokenizer.json", b"");
+        std::fs::File::options()
+            .write(true)
+            .open(&tokenizer.path)
+            .and_then(|file| file.set_len(MAX_JSON_BYTES + 1))
+            .expect("a sparse file");
+        match check_folder(dir.path(), &[tokenizer], VersionKind::Tokenizer) {
+            Err(RegistryError::BadArtifact { message, param }) => {
+                assert_eq!(param, "tokenizer.json");
+                assert!(
+                    message.contains(&(MAX_JSON_BYTES + 1).to_string()),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a refused artifact, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_json_file_under_the_cap_is_parsed_for_what_it_must_be() {
+        // Valid JSON of nested arrays, the shape that built a tree many times the file's size:
+        // fine where any JSON object will do, refused where a config's fields are needed.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nested = br#"{"model": [[[0], [1]], [[2]]], "added_tokens": []}"#;
+        let tokenizer = write(dir.path(), "tokenizer.json", nested);
+        check_folder(dir.path(), &[tokenizer], VersionKind::Tokenizer).expect("an object");
+        let array = write(dir.path(), "tokenizer.json", b"[[0], [1]]");
+        assert!(check_folder(dir.path(), &[array], VersionKind::Tokenizer).is_err());
+        let weights = write(dir.path(), "adapter_model.safetensors", &safetensors(8));
+        let adapter = write(dir.path(), "adapter_config.json", nested);
+        assert!(check_folder(dir.path(), &[adapter, weights], VersionKind::Adapter).is_err());
     }
 
     #[test]

@@ -264,3 +264,27 @@ async fn a_version_of_another_kind_is_refused_naming_the_model_and_both_kinds() 
     assert_eq!(latest["source_job_id"], sft.job_id.as_str());
     registry.stop().await;
 }
+
+#[tokio::test]
+async fn a_stored_json_file_over_the_cap_is_refused_in_place_without_being_read() {
+    // One byte past the cap, of zeros: were it downloaded and parsed, the refusal would call
+    // it invalid JSON rather than give its size.
+    let registry = support::spawn().await;
+    assert_eq!(registry.create_model("smol").await, 201);
+    let too_big = ferrite_model_registry::artifacts::MAX_JSON_BYTES + 1;
+    let mut folder = support::tiny_model_folder();
+    folder.insert(
+        "tokenizer.json".into(),
+        vec![0; usize::try_from(too_big).expect("fits")],
+    );
+    registry.store_folder("models/smol/huge/", &folder).await;
+    let body = json!({"kind": "model", "artifact_prefix": "models/smol/huge/"});
+    let refused = register_in_place(&registry, "smol", body).await;
+    assert_refused(
+        refused,
+        (400, "invalid_artifact", "tokenizer.json"),
+        &["`tokenizer.json`", &too_big.to_string()],
+    );
+    assert_eq!(version_count(&registry, "smol").await, 0);
+    registry.stop().await;
+}
