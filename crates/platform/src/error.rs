@@ -183,9 +183,15 @@ pub(crate) fn syntax_error(e: &serde_json::Error) -> ApiError {
 }
 
 /// serde names the field in backticks in "missing field `model`", "unknown field `x`" and
-/// "duplicate field `x`"; in other messages a backticked word is a value, not a field.
+/// "duplicate field `x`", as the JSON extractor does in "duplicate key `x`"; in other messages
+/// a backticked word is a value, not a field.
 pub(crate) fn field_in_message(message: &str) -> Option<String> {
-    let named = ["missing field", "unknown field", "duplicate field"];
+    let named = [
+        "missing field",
+        "unknown field",
+        "duplicate field",
+        "duplicate key",
+    ];
     if !named.iter().any(|prefix| message.starts_with(prefix)) {
         return None;
     }

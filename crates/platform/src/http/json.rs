@@ -1,5 +1,6 @@
 //! The JSON body extractor of every route: a refusal names the path of the value at fault.
 
+mod keys;
 mod objects;
 
 use std::ops::{Deref, DerefMut};
@@ -28,8 +29,8 @@ pub struct JsonLimit(pub usize);
 ///
 /// Unlike actix's `web::Json`, a value of the wrong type is refused with its full path as
 /// `param` (`hyper_parameters.lr`, `messages[1].content`) rather than with serde's sentence
-/// alone, which says what was wrong but not where, and a struct is read from a JSON object
-/// only, never from an array. A body over [`JsonLimit`] is a 413, one of another content type
+/// alone, which says what was wrong but not where, a struct is read from a JSON object
+/// only, never from an array, and no object may repeat a key, whatever type reads it. A body over [`JsonLimit`] is a 413, one of another content type
 /// (or none) a 415 `invalid_content_type`, and one that is not JSON a 400 naming the line and
 /// column.
 #[derive(Debug)]
@@ -129,8 +130,8 @@ async fn read(stream: Decompress<Payload>, limit: usize) -> Result<Bytes, ApiErr
 
 /// Parses a whole body as `T`, trailing input refused as `serde_json::from_slice` refuses it.
 /// A syntax error is a 400 `invalid_json` naming its line and column; a value of the wrong
-/// type (an array where a struct belongs among them), a missing, unknown or repeated field a
-/// 400 `invalid_value` naming its path.
+/// type (an array where a struct belongs among them), a missing or unknown field, or a key
+/// repeated in any object, a 400 `invalid_value` naming its path.
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     // The path is tracked outside the object check, so a refused array is named by its path.
@@ -159,12 +160,20 @@ fn value_error(path: &Path, error: &serde_json::Error) -> ApiError {
     }
 }
 
-/// The full path of the value at fault, or `None` when it is the body itself. A missing or
-/// repeated field was never entered, so the path ends at its object and serde's message names
-/// the field; an unknown field was entered, so the path already ends with it.
+/// The full path of the value at fault, or `None` when it is the body itself. A missing field
+/// was never entered, so the path ends at its object and serde's message names the field; an
+/// unknown or repeated one was read before it was refused, so the path already ends with it.
+/// A key serde_path_to_error cannot read as text (one read as an enum variant) ends the path
+/// as `?`; the message names it, so the `?` gives way to the name.
 fn param(path: &Path, message: &str) -> Option<String> {
-    let object = path.iter().next().is_some().then(|| path.to_string());
-    let field = field_in_message(message).filter(|_| !message.starts_with("unknown field"));
+    let mut object = path.iter().next().is_some().then(|| path.to_string());
+    let entered = ["unknown field", "duplicate key"];
+    let mut in_path = entered.iter().any(|prefix| message.starts_with(prefix));
+    if in_path && let Some(known) = object.as_deref().and_then(|o| o.strip_suffix('?')) {
+        object = Some(known.trim_end_matches('.').to_owned()).filter(|o| !o.is_empty());
+        in_path = false;
+    }
+    let field = field_in_message(message).filter(|_| !in_path);
     match (object, field) {
         (Some(object), Some(field)) => Some(format!("{object}.{field}")),
         (object, field) => object.or(field),

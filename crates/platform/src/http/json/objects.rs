@@ -1,4 +1,5 @@
-//! A deserializer that takes a struct only from a JSON object, never from an array.
+//! A deserializer that takes a struct only from a JSON object, never from an array, and an
+//! object only with unique keys ([`super::keys`]).
 //!
 //! serde's derived `Deserialize` for a struct also accepts a sequence and fills the fields by
 //! position, so `["r1", {"lr": 0.1}]` would pass for `{"name": "r1", "hyper_parameters": ...}`.
@@ -19,57 +20,83 @@ use serde::de::{
     VariantAccess, Visitor,
 };
 
-/// `D`, except that a struct is taken from an object only.
+use super::keys::Keys;
+
+/// `D`, except that a struct is taken from an object only, and no object repeats a key.
 // TODO: what serde buffers before deserializing (the fields a `#[serde(flatten)]` field takes,
 // the content of untagged and internally tagged enums) is read from serde's own buffer, not
 // through this wrapper, so a struct inside it still accepts an array. No request type has a
 // struct there today (the model registry's flattened `Lineage` holds none).
 pub(super) struct ObjectsOnly<D>(pub(super) D);
 
-/// Deserializer methods passed on as they are, the visitor wrapped.
+/// Every deserializer method, passed on to the wrapped deserializer with the visitor wrapped:
+/// the wrapper's `split(visitor)` returns both, `split_struct` for a struct's visitor, and
+/// `wrapped()` the deserializer it wraps. Both wrappers, here and in [`super::keys`], use it.
 macro_rules! forward_deserialize {
+    () => {
+        forward_deserialize! {
+            deserialize_any() deserialize_bool()
+            deserialize_i8() deserialize_i16() deserialize_i32() deserialize_i64()
+            deserialize_i128()
+            deserialize_u8() deserialize_u16() deserialize_u32() deserialize_u64()
+            deserialize_u128()
+            deserialize_f32() deserialize_f64() deserialize_char()
+            deserialize_str() deserialize_string() deserialize_bytes() deserialize_byte_buf()
+            deserialize_option() deserialize_unit() deserialize_seq() deserialize_map()
+            deserialize_identifier() deserialize_ignored_any()
+            deserialize_unit_struct(name: &'static str)
+            deserialize_newtype_struct(name: &'static str)
+            deserialize_tuple(len: usize)
+            deserialize_tuple_struct(name: &'static str, len: usize)
+            deserialize_enum(name: &'static str, variants: &'static [&'static str])
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            let (inner, visitor) = self.split_struct(visitor);
+            inner.deserialize_struct(name, fields, visitor)
+        }
+
+        fn is_human_readable(&self) -> bool {
+            self.wrapped().is_human_readable()
+        }
+    };
     ($($method:ident($($arg:ident: $ty:ty),*))*) => {$(
-        fn $method<V>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, D::Error>
+        fn $method<V>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, Self::Error>
         where
             V: Visitor<'de>,
         {
-            self.0.$method($($arg,)* Visit::any(visitor))
+            let (inner, visitor) = self.split(visitor);
+            inner.$method($($arg,)* visitor)
         }
     )*};
+}
+
+pub(super) use forward_deserialize;
+
+impl<D> ObjectsOnly<D> {
+    fn split<V>(self, visitor: V) -> (D, Visit<V>) {
+        (self.0, Visit::any(visitor))
+    }
+
+    /// The one difference: a struct's visitor refuses a sequence.
+    fn split_struct<V>(self, visitor: V) -> (D, Visit<V>) {
+        (self.0, Visit::object(visitor))
+    }
+
+    fn wrapped(&self) -> &D {
+        &self.0
+    }
 }
 
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectsOnly<D> {
     type Error = D::Error;
 
-    forward_deserialize! {
-        deserialize_any() deserialize_bool()
-        deserialize_i8() deserialize_i16() deserialize_i32() deserialize_i64() deserialize_i128()
-        deserialize_u8() deserialize_u16() deserialize_u32() deserialize_u64() deserialize_u128()
-        deserialize_f32() deserialize_f64() deserialize_char()
-        deserialize_str() deserialize_string() deserialize_bytes() deserialize_byte_buf()
-        deserialize_option() deserialize_unit() deserialize_seq() deserialize_map()
-        deserialize_identifier() deserialize_ignored_any()
-        deserialize_unit_struct(name: &'static str)
-        deserialize_newtype_struct(name: &'static str)
-        deserialize_tuple(len: usize)
-        deserialize_tuple_struct(name: &'static str, len: usize)
-        deserialize_enum(name: &'static str, variants: &'static [&'static str])
-    }
-
-    /// The one method that differs: the struct's visitor refuses a sequence.
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        name: &'static str,
-        fields: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, D::Error> {
-        self.0
-            .deserialize_struct(name, fields, Visit::object(visitor))
-    }
-
-    fn is_human_readable(&self) -> bool {
-        self.0.is_human_readable()
-    }
+    forward_deserialize!();
 }
 
 /// A visitor passed on with whatever it is handed wrapped, so that the check reaches the
@@ -96,13 +123,42 @@ impl<V> Visit<V> {
     }
 }
 
-/// Visitor methods whose value holds nothing to wrap.
+/// Visitor methods whose value holds nothing to wrap (and those with no value), passed on to the wrapped visitor that
+/// the wrapper's `pass(&value)` returns (after noting the value, if it wants). Both visitor
+/// wrappers, here and in [`super::keys`], use it.
 macro_rules! forward_visit {
+    () => {
+        forward_visit! {
+            visit_bool(bool)
+            visit_i8(i8) visit_i16(i16) visit_i32(i32) visit_i64(i64) visit_i128(i128)
+            visit_u8(u8) visit_u16(u16) visit_u32(u32) visit_u64(u64) visit_u128(u128)
+            visit_f32(f32) visit_f64(f64) visit_char(char)
+            visit_str(&str) visit_borrowed_str(&'de str) visit_string(String)
+            visit_bytes(&[u8]) visit_borrowed_bytes(&'de [u8]) visit_byte_buf(Vec<u8>)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+            self.pass(&()).visit_none()
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+            self.pass(&()).visit_unit()
+        }
+    };
     ($($method:ident($value:ty))*) => {$(
         fn $method<E: de::Error>(self, value: $value) -> Result<V::Value, E> {
-            self.inner.$method(value)
+            let inner = self.pass(&value);
+            inner.$method(value)
         }
     )*};
+}
+
+pub(super) use forward_visit;
+
+impl<V> Visit<V> {
+    fn pass<T: ?Sized>(self, _value: &T) -> V {
+        self.inner
+    }
 }
 
 impl<'de, V: Visitor<'de>> Visitor<'de> for Visit<V> {
@@ -116,22 +172,7 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Visit<V> {
         }
     }
 
-    forward_visit! {
-        visit_bool(bool)
-        visit_i8(i8) visit_i16(i16) visit_i32(i32) visit_i64(i64) visit_i128(i128)
-        visit_u8(u8) visit_u16(u16) visit_u32(u32) visit_u64(u64) visit_u128(u128)
-        visit_f32(f32) visit_f64(f64) visit_char(char)
-        visit_str(&str) visit_borrowed_str(&'de str) visit_string(String)
-        visit_bytes(&[u8]) visit_borrowed_bytes(&'de [u8]) visit_byte_buf(Vec<u8>)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
-        self.inner.visit_none()
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
-        self.inner.visit_unit()
-    }
+    forward_visit!();
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<V::Value, D::Error> {
         self.inner.visit_some(ObjectsOnly(deserializer))
@@ -152,7 +193,10 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Visit<V> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
-        self.inner.visit_map(Map(map))
+        self.inner.visit_map(Map {
+            access: map,
+            keys: Keys::default(),
+        })
     }
 
     fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<V::Value, A::Error> {
@@ -188,7 +232,11 @@ impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Seq<A> {
     }
 }
 
-struct Map<A>(A);
+/// An object: its values are wrapped, its keys checked for repeats.
+struct Map<A> {
+    access: A,
+    keys: Keys,
+}
 
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for Map<A> {
     type Error = A::Error;
@@ -197,15 +245,15 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Map<A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
-        self.0.next_key_seed(Seed(seed))
+        self.keys.next(&mut self.access, seed)
     }
 
     fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
-        self.0.next_value_seed(Seed(seed))
+        self.access.next_value_seed(Seed(seed))
     }
 
     fn size_hint(&self) -> Option<usize> {
-        self.0.size_hint()
+        self.access.size_hint()
     }
 }
 
