@@ -455,8 +455,11 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
         ("/v1/completions", "max_tokens"),
         ("/v1/chat/completions", "max_completion_tokens"),
     ] {
-        let mut request = json!({"model": MODEL, "prompt": "the cat",
-            "messages": [{"role": "user", "content": "the cat"}]});
+        let mut request = if path == "/v1/completions" {
+            json!({"model": MODEL, "prompt": "the cat"})
+        } else {
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "the cat"}]})
+        };
         request[field] = json!(u64::MAX);
         let (status, body) = gateway.post(path, ADMIN_TOKEN, &request).await;
         assert_eq!(status, 400, "{field}: {body}");
@@ -495,6 +498,132 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
         )
         .await;
     assert_eq!(status, 200, "still serving: {body}");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_the_engine_would_ignore_and_repeated_keys_are_refused_by_name() {
+    let gateway = TestGateway::spawn().await;
+    gateway.deploy_chain_model(MODEL).await;
+    let chat = |extra: Value| {
+        let mut body = json!({"model": MODEL, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "the cat"}]});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        body
+    };
+    let completion = json!({"model": MODEL, "prompt": "the cat", "max_tokens": 1});
+
+    // Regression: each of these was ignored and answered 200, the client none the wiser that
+    // its tools, bias or penalty never reached the engine, or that `max_token` was misspelled
+    // (it got the default 16 tokens).
+    let tool = json!([{"type": "function", "function": {"name": "weather"}}]);
+    for (path, body, param, code) in [
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": tool})),
+            "tools",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tool_choice": "auto"})),
+            "tool_choice",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"logit_bias": {"17": 100}})),
+            "logit_bias",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"frequency_penalty": 0.5})),
+            "frequency_penalty",
+            "unsupported_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_token": 5})),
+            "max_token",
+            "unknown_parameter",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "the cat",
+            "response_format": {"type": "text"}}),
+            "response_format",
+            "unknown_parameter",
+        ),
+    ] {
+        let (status, body) = gateway.post(path, ADMIN_TOKEN, &body).await;
+        assert_eq!(status, 400, "{param}: {body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
+    let (_, body) = gateway
+        .post(
+            "/v1/chat/completions",
+            ADMIN_TOKEN,
+            &chat(json!({"max_token": 5})),
+        )
+        .await;
+    assert_eq!(
+        body["error"]["message"],
+        "unrecognized request argument `max_token`"
+    );
+
+    // What the official client sends, and values that ask for nothing, are still served.
+    for extra in [
+        json!({"user": "ci", "seed": 5, "n": 2, "stop": ["x"], "stream_options": null}),
+        json!({"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}),
+        json!({"logprobs": true, "top_logprobs": 2, "metadata": {"run": "ci"}}),
+    ] {
+        let (status, body) = gateway
+            .post("/v1/chat/completions", ADMIN_TOKEN, &chat(extra.clone()))
+            .await;
+        assert_eq!(status, 200, "{extra}: {body}");
+    }
+    let (status, body) = gateway
+        .post("/v1/completions", ADMIN_TOKEN, &completion)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Regression: a repeated key kept its last value, so a JSON format the engine cannot
+    // honour passed as `text`, and a proxy routing on the first `model` disagreed with the
+    // gateway, which served the second.
+    let messages = r#""messages": [{"role": "user", "content": "the cat"}]"#;
+    for (raw, param) in [
+        (
+            format!(
+                r#"{{"model": "{MODEL}", {messages},
+                    "response_format": {{"type": "json_object", "type": "text"}}}}"#
+            ),
+            "response_format.type",
+        ),
+        (
+            format!(r#"{{"model": "nope", "model": "{MODEL}", {messages}}}"#),
+            "model",
+        ),
+    ] {
+        let (status, body) = post_typed(
+            &gateway,
+            "/v1/chat/completions",
+            Some("application/json"),
+            raw,
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_value", "{body}");
+    }
+
+    // A top-level array is JSON of the wrong type: `invalid_value`, as every service says.
+    let (status, body) = post_raw(&gateway, "[1, 2]".to_owned()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_value", "{body}");
     gateway.stop().await;
 }
 

@@ -8,6 +8,7 @@ use ferrite_platform::ApiError;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::response::Endpoint;
 use crate::engine::ModelInfo;
 
 /// Why a request was refused before generation started.
@@ -23,6 +24,13 @@ pub enum RequestError {
         param: String,
         message: String,
     },
+    #[error("unrecognized request argument `{0}`")]
+    Unrecognized(String),
+    #[error(
+        "`{0}` is not supported: the engine does not implement it, and ignoring it would \
+         answer another request than the one sent; leave it out"
+    )]
+    Unsupported(String),
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
     #[error(
@@ -47,7 +55,14 @@ impl From<RequestError> for ApiError {
     fn from(error: RequestError) -> Self {
         let message = error.to_string();
         match error {
-            RequestError::NotAnObject => ApiError::invalid_request("invalid_json", message),
+            // The body is JSON, of the wrong type: the code every service gives a wrong value.
+            RequestError::NotAnObject => ApiError::invalid_request("invalid_value", message),
+            RequestError::Unrecognized(param) => {
+                ApiError::invalid_request("unknown_parameter", message).with_param(param)
+            }
+            RequestError::Unsupported(param) => {
+                ApiError::invalid_request("unsupported_parameter", message).with_param(param)
+            }
             RequestError::Missing(param) => {
                 ApiError::invalid_request("missing_field", message).with_param(param)
             }
@@ -89,6 +104,11 @@ impl Body {
             Value::Object(map) => Ok(Self(map)),
             _ => Err(RequestError::NotAnObject),
         }
+    }
+
+    /// Refuses an argument `endpoint` does not take, naming it.
+    pub fn check_arguments(&self, endpoint: Endpoint) -> Result<(), RequestError> {
+        super::arguments::check(&self.0, endpoint)
     }
 
     /// The field as `T`; absent and `null` are both `None`. A value wrong inside the field

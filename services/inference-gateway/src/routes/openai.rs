@@ -111,6 +111,7 @@ struct Prepared {
 
 fn prepare(gateway: &Gateway, body: Value, endpoint: Endpoint) -> Result<Prepared, RequestError> {
     let body = Body::new(body)?;
+    body.check_arguments(endpoint)?;
     let model = body.model()?;
     let stream = body.stream()?;
     let include_usage = body.include_usage()?;
