@@ -214,6 +214,19 @@ pub(crate) fn not_json(sent: &str) -> ApiError {
     )
 }
 
+/// The 415 for a JSON body declared in another charset than UTF-8, the only one read.
+pub(crate) fn not_utf8(charset: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        "invalid_content_type",
+        format!(
+            "the body must be JSON in UTF-8, the only encoding read; the request declared \
+             `charset={charset}`"
+        ),
+    )
+}
+
 /// The 413 for a body whose `Content-Length` is over the limit, refused before it is read.
 pub(crate) fn body_too_large(length: usize, limit: usize) -> ApiError {
     ApiError::new(

@@ -634,6 +634,35 @@ async fn a_json_syntax_error_names_its_line_and_column_and_the_limits_still_hold
             "it names what came: {message}"
         );
     }
+    // Regression: `application/json+x` (subtype `json`, suffix `x`) passed for JSON, and a
+    // latin1 body was read as UTF-8.
+    for (content_type, named) in [
+        ("application/json+x", "`application/json+x`"),
+        ("application/json; charset=latin1", "`charset=latin1`"),
+        ("application/json; charset=utf-16", "`charset=utf-16`"),
+    ] {
+        let (status, body) = post_raw(&app, "/v1/runs", content_type, valid).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type}");
+        assert_eq!(body["error"]["code"], "invalid_content_type");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{content_type}: {message}");
+    }
+    // Regression: with two `Content-Type` headers the first was read; a proxy reading the
+    // second would see another body.
+    let twice = app
+        .client
+        .post(app.url("/v1/runs"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .header("content-type", "text/plain")
+        .body(valid)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(twice.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let body: serde_json::Value = twice.json().await.expect("a JSON error");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than one"), "{message}");
     // So is one that declares no type at all.
     let undeclared = app
         .client
@@ -647,6 +676,7 @@ async fn a_json_syntax_error_names_its_line_and_column_and_the_limits_still_hold
     for content_type in [
         "application/merge-patch+json",
         "application/json; charset=utf-8",
+        "application/json; charset=UTF-8",
         "Application/JSON",
     ] {
         let (status, _) = post_raw(&app, "/v1/runs", content_type, valid).await;

@@ -7,8 +7,8 @@ use std::ops::{Deref, DerefMut};
 
 use actix_web::body::{BodyStream, to_bytes_limited};
 use actix_web::dev::{Decompress, Payload};
-use actix_web::http::header::CONTENT_LENGTH;
-use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, mime};
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
 use serde::de::DeserializeOwned;
@@ -17,7 +17,8 @@ use serde_path_to_error::Path;
 
 use self::objects::ObjectsOnly;
 use crate::error::{
-    ApiError, body_too_large, field_in_message, not_json, payload_error, syntax_error, too_large,
+    ApiError, body_too_large, field_in_message, not_json, not_utf8, payload_error, syntax_error,
+    too_large,
 };
 
 /// The largest JSON body a route reads, in bytes (`http.json_limit_bytes`). [`Json`] reads it
@@ -30,9 +31,10 @@ pub struct JsonLimit(pub usize);
 /// Unlike actix's `web::Json`, a value of the wrong type is refused with its full path as
 /// `param` (`hyper_parameters.lr`, `messages[1].content`) rather than with serde's sentence
 /// alone, which says what was wrong but not where, a struct is read from a JSON object
-/// only, never from an array, and no object may repeat a key, whatever type reads it. A body over [`JsonLimit`] is a 413, one of another content type
-/// (or none) a 415 `invalid_content_type`, and one that is not JSON a 400 naming the line and
-/// column.
+/// only, never from an array, and no object may repeat a key, whatever type reads it. A body
+/// over [`JsonLimit`] is a 413, one of another content type (or none, or two), or of another
+/// charset than UTF-8, a 415 `invalid_content_type`, and one that is not JSON a 400 naming the
+/// line and column.
 #[derive(Debug)]
 pub struct Json<T>(pub T);
 
@@ -97,8 +99,8 @@ fn admit(req: &HttpRequest) -> Result<usize, ApiError> {
     }
 }
 
-/// Whether the body is declared JSON: `application/json` or `application/<anything>+json`,
-/// parameters such as `charset=utf-8` allowed.
+/// Whether the body is declared JSON in UTF-8: `application/json` or
+/// `application/<anything>+json`, declared once, with no charset or `utf-8`.
 ///
 /// A request without `Content-Type` is refused too. Every client that means to send JSON says
 /// so (OpenAI's SDKs, reqwest's `.json`, `curl --json` or `-H`), so refusing it costs no real
@@ -106,17 +108,33 @@ fn admit(req: &HttpRequest) -> Result<usize, ApiError> {
 /// form body (`a=1`) would come back as a JSON syntax error at column 1 rather than as the
 /// header to add. `curl -d` without `-H` declares `application/x-www-form-urlencoded`, and the
 /// 415 names that type.
+///
+/// The body is always read as UTF-8 (RFC 8259 makes it JSON's only encoding on the wire), so
+/// another declared charset would be read as something the client did not send. Two
+/// `Content-Type` headers are refused rather than one picked: a proxy reading the other one
+/// would disagree about what the body is.
 fn declares_json(req: &HttpRequest) -> Result<(), ApiError> {
-    match req.mime_type() {
-        Ok(Some(mime))
-            if mime.type_() == "application"
-                && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json")) =>
-        {
-            Ok(())
+    if req.headers().get_all(CONTENT_TYPE).nth(1).is_some() {
+        return Err(not_json("more than one `Content-Type`"));
+    }
+    let mime = match req.mime_type() {
+        Ok(Some(mime)) => mime,
+        Ok(None) => return Err(not_json("no `Content-Type`")),
+        Err(_) => return Err(not_json("an unreadable `Content-Type`")),
+    };
+    // `application/json+x` parses as subtype `json` with suffix `x`: not JSON.
+    let json = match mime.suffix() {
+        Some(suffix) => suffix == "json",
+        None => mime.subtype() == "json",
+    };
+    if mime.type_() != "application" || !json {
+        return Err(not_json(&format!("`{}`", mime.essence_str())));
+    }
+    match mime.get_param(mime::CHARSET) {
+        Some(charset) if !charset.as_str().eq_ignore_ascii_case("utf-8") => {
+            Err(not_utf8(charset.as_str()))
         }
-        Ok(Some(mime)) => Err(not_json(&format!("`{}`", mime.essence_str()))),
-        Ok(None) => Err(not_json("no `Content-Type`")),
-        Err(_) => Err(not_json("an unreadable `Content-Type`")),
+        _ => Ok(()),
     }
 }
 
