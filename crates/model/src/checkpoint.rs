@@ -188,31 +188,51 @@ pub fn load_weights(
 }
 
 /// As [`load_weights`], reading each tensor from `reader` only when it is copied, so the
-/// files' contents are never in memory all at once.
+/// files' contents are never in memory all at once. [`check_tensors`] has passed.
 fn load_weights_from(
     var_store: &nn::VarStore,
     reader: &safetensors::Weights,
     source: &Path,
-    config: &ModelConfig,
-    quantised: &[String],
 ) -> Result<(), CheckpointError> {
-    let variables = var_store.variables();
-    for (name, variable) in &variables {
-        let shape = reader.shape(name).ok_or_else(|| missing(source, name))?;
-        if shape != variable.size() {
-            return Err(shape_mismatch(
-                source,
-                name,
-                variable.size(),
-                shape.to_vec(),
-            ));
-        }
+    for (name, variable) in &var_store.variables() {
         copy_into(variable, &reader.read(name)?, name, source)?;
     }
-    let leftovers = reader
-        .names()
-        .filter(|name| !quantised.iter().any(|quantised| quantised == name));
-    check_leftovers(leftovers, &variables, config.tie_word_embeddings, source)
+    Ok(())
+}
+
+/// Checks from the headers alone, reading no tensor, that `weights` hold every tensor a
+/// Llama model with `config` requires, each with the shape the config implies, and nothing
+/// the model has no place for. The loader checks this before it reads anything, and the
+/// model registry when a version is registered, so a folder one refuses the other does too.
+pub fn check_tensors(
+    config: &ModelConfig,
+    weights: &safetensors::Weights,
+) -> Result<(), CheckpointError> {
+    let expected = Llama::parameter_shapes(config);
+    for (name, shape) in &expected {
+        let found = weights
+            .shape(name)
+            .ok_or_else(|| missing(weights.path(), name))?;
+        if found != shape.as_slice() {
+            let file = weights.file(name).unwrap_or(weights.path());
+            return Err(shape_mismatch(file, name, shape.clone(), found.to_vec()));
+        }
+    }
+    for name in weights.names() {
+        if !expected.contains_key(name) && !derived(name, config.tie_word_embeddings) {
+            return Err(CheckpointError::UnexpectedTensor {
+                path: weights.file(name).unwrap_or(weights.path()).to_path_buf(),
+                name: name.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Some exporters write the tied head anyway, and old Llama files carry the rotary
+/// frequencies as a buffer; both are derived, not parameters, and are ignored.
+fn derived(name: &str, tied_embeddings: bool) -> bool {
+    (tied_embeddings && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq")
 }
 
 fn missing(source: &Path, name: &str) -> CheckpointError {
@@ -268,11 +288,7 @@ fn check_leftovers<'a>(
 ) -> Result<(), CheckpointError> {
     for name in names {
         let name = name.as_ref();
-        // Some exporters write the tied head anyway, and old Llama files carry the rotary
-        // frequencies as a buffer; both are derived, not parameters.
-        let derived =
-            (tied_embeddings && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq");
-        if !variables.contains_key(name) && !derived {
+        if !variables.contains_key(name) && !derived(name, tied_embeddings) {
             return Err(CheckpointError::UnexpectedTensor {
                 path: source.to_path_buf(),
                 name: name.to_owned(),
@@ -315,46 +331,29 @@ pub fn load_quantized(
     let config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
     config.validate()?;
     let reader = safetensors::Weights::open(dir, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)?;
+    check_tensors(&config, &reader)?;
     let weights_path = reader.path().to_path_buf();
     let var_store = nn::VarStore::new(device);
-    let mut quantised = Vec::new();
     let mut failure = None;
-    let model = Llama::build(
-        &var_store.root(),
-        &config,
-        |name, _, in_features, out_features| {
-            if !quantize(name) || failure.is_some() {
-                return None;
+    let model = Llama::build(&var_store.root(), &config, |name, _, _, _| {
+        if !quantize(name) || failure.is_some() {
+            return None;
+        }
+        match reader.read(&format!("{name}.weight")) {
+            Ok(weight) => {
+                let weight = weight.to_device(device).to_kind(tch::Kind::Float);
+                Some(Box::new(Nf4Projection::new(&weight)) as Box<dyn Projection>)
             }
-            let weight_name = format!("{name}.weight");
-            let expected = vec![out_features, in_features];
-            let read = match reader.shape(&weight_name) {
-                None => Err(missing(&weights_path, &weight_name)),
-                Some(shape) if shape != expected.as_slice() => Err(shape_mismatch(
-                    &weights_path,
-                    &weight_name,
-                    expected,
-                    shape.to_vec(),
-                )),
-                Some(_) => reader.read(&weight_name).map_err(CheckpointError::from),
-            };
-            match read {
-                Ok(weight) => {
-                    quantised.push(weight_name);
-                    let weight = weight.to_device(device).to_kind(tch::Kind::Float);
-                    Some(Box::new(Nf4Projection::new(&weight)) as Box<dyn Projection>)
-                }
-                Err(error) => {
-                    failure = Some(error);
-                    None
-                }
+            Err(error) => {
+                failure = Some(error);
+                None
             }
-        },
-    );
+        }
+    });
     if let Some(error) = failure {
-        return Err(error);
+        return Err(error.into());
     }
-    load_weights_from(&var_store, &reader, &weights_path, &config, &quantised)?;
+    load_weights_from(&var_store, &reader, &weights_path)?;
     let tokenizer = tokenizer_of(dir, &config)?;
     Ok(Checkpoint {
         var_store,

@@ -4,6 +4,8 @@
 //! Every projection is a [`Projection`] trait object so that adapters (LoRA) and quantised
 //! frozen bases (NF4) can replace a dense layer by name without touching the model code.
 
+use std::collections::BTreeMap;
+
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::ModelConfig;
@@ -440,6 +442,46 @@ impl Llama {
         }
     }
 
+    /// The parameters [`Llama::new`] creates for `config`, by Hugging Face name, with their
+    /// shapes, computed from the config alone: a checkpoint's headers can be checked against
+    /// them without building the model, which for a large config would allocate all of it.
+    pub fn parameter_shapes(config: &ModelConfig) -> BTreeMap<String, Vec<i64>> {
+        let (hidden, inner, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let (queries, keys) = (
+            config.num_attention_heads * config.head_dim(),
+            config.kv_heads() * config.head_dim(),
+        );
+        let mut shapes = BTreeMap::from([
+            ("model.embed_tokens.weight".to_owned(), vec![vocab, hidden]),
+            ("model.norm.weight".to_owned(), vec![hidden]),
+        ]);
+        if !config.tie_word_embeddings {
+            shapes.insert("lm_head.weight".to_owned(), vec![vocab, hidden]);
+        }
+        for index in 0..config.num_hidden_layers {
+            let layer = format!("model.layers.{index}");
+            // Projections are `[out, in]`.
+            for (name, shape) in [
+                ("self_attn.q_proj", vec![queries, hidden]),
+                ("self_attn.k_proj", vec![keys, hidden]),
+                ("self_attn.v_proj", vec![keys, hidden]),
+                ("self_attn.o_proj", vec![hidden, queries]),
+                ("mlp.gate_proj", vec![inner, hidden]),
+                ("mlp.up_proj", vec![inner, hidden]),
+                ("mlp.down_proj", vec![hidden, inner]),
+                ("input_layernorm", vec![hidden]),
+                ("post_attention_layernorm", vec![hidden]),
+            ] {
+                shapes.insert(format!("{layer}.{name}.weight"), shape);
+            }
+        }
+        shapes
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -708,5 +750,28 @@ struct Placeholder;
 impl Projection for Placeholder {
     fn forward(&self, x: &Tensor) -> Tensor {
         x.shallow_clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_shapes_are_the_parameters_the_model_builds() {
+        // Tied (tiny) and untied with grouped-query attention: the two ways the list differs.
+        let tiny = ModelConfig::preset("tiny").expect("a preset");
+        let mut untied = tiny.clone();
+        untied.tie_word_embeddings = false;
+        for config in [tiny, untied] {
+            let var_store = nn::VarStore::new(Device::Cpu);
+            let _model = Llama::new(&var_store.root(), &config);
+            let built: BTreeMap<String, Vec<i64>> = var_store
+                .variables()
+                .into_iter()
+                .map(|(name, tensor)| (name, tensor.size()))
+                .collect();
+            assert_eq!(Llama::parameter_shapes(&config), built);
+        }
     }
 }

@@ -373,6 +373,13 @@ impl Weights {
             .and_then(|&owner| self.readers[owner].shape(name))
     }
 
+    /// The file holding a tensor, for errors about that tensor.
+    pub fn file(&self, name: &str) -> Option<&Path> {
+        self.owners
+            .get(name)
+            .map(|&owner| Path::new(&self.readers[owner].shown))
+    }
+
     /// Reads one tensor from whichever file holds it.
     pub fn read(&self, name: &str) -> Result<Tensor, SafetensorsError> {
         match self.owners.get(name) {

@@ -47,6 +47,11 @@ pub enum DeploymentError {
     },
     #[error("the artifacts under {0} are empty")]
     NoArtifacts(String),
+    /// The version's folder is not one the engine can load (weights the config does not
+    /// describe, no tokenizer, an adapter that does not fit its base): the version's fault,
+    /// not the gateway's. The message names the files by their place in storage.
+    #[error("the version cannot be served: {0}")]
+    Unloadable(String),
     #[error(transparent)]
     Engine(#[from] Box<EngineError>),
     #[error(transparent)]
@@ -95,6 +100,13 @@ impl From<DeploymentError> for ApiError {
             DeploymentError::Download { .. } | DeploymentError::NoArtifacts(_) => {
                 ApiError::internal(&error)
             }
+            DeploymentError::Unloadable(_) => ApiError::new(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "model_unloadable",
+                message,
+            )
+            .with_param("model"),
             DeploymentError::Engine(source) => ApiError::internal(source.as_ref()),
             DeploymentError::Database(source) => source.into(),
         }
@@ -181,19 +193,21 @@ impl Loader {
             Some(base) => (base.as_str(), Some(record.artifact_prefix.as_str())),
             None => (record.artifact_prefix.as_str(), None),
         };
-        let checkpoint_dir = self.fetch(model_prefix).await?;
-        let adapter_dir = match adapter_prefix {
-            Some(prefix) => Some(self.fetch(prefix).await?),
-            None => None,
+        let mut fetched = Vec::new();
+        let started = self
+            .start(model_prefix, adapter_prefix, metrics, &mut fetched)
+            .await;
+        let (engine, info) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                // A folder this load copied is of no use to anyone: the version it holds
+                // does not load, and a later try downloads it afresh.
+                for dir in fetched {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                }
+                return Err(error);
+            }
         };
-        let (engine, info) = LocalEngine::start(LocalEngineConfig {
-            checkpoint_dir,
-            adapter_dir,
-            max_batch_sequences: self.max_batch_sequences,
-            metrics,
-        })
-        .await
-        .map_err(Box::new)?;
         tracing::info!(
             deployment = %record.name,
             model.version_id = %record.version_id,
@@ -206,9 +220,52 @@ impl Loader {
         })
     }
 
-    /// The local folder of the artifacts under `prefix`, downloaded unless already cached.
-    /// Registered artifacts never change, so a prefix names its content for good.
-    async fn fetch(&self, prefix: &str) -> Result<PathBuf, DeploymentError> {
+    /// Copies the folders and starts an engine on them, adding each folder it downloads (not
+    /// those it found cached) to `fetched`.
+    async fn start(
+        &self,
+        model_prefix: &str,
+        adapter_prefix: Option<&str>,
+        metrics: EngineMetrics,
+        fetched: &mut Vec<PathBuf>,
+    ) -> Result<(LocalEngine, ModelInfo), DeploymentError> {
+        let checkpoint_dir = self.fetch(model_prefix, fetched).await?;
+        let adapter_dir = match adapter_prefix {
+            Some(prefix) => Some(self.fetch(prefix, fetched).await?),
+            None => None,
+        };
+        let shown = [
+            (checkpoint_dir.clone(), model_prefix),
+            (
+                adapter_dir.clone().unwrap_or_default(),
+                adapter_prefix.unwrap_or_default(),
+            ),
+        ];
+        LocalEngine::start(LocalEngineConfig {
+            checkpoint_dir,
+            adapter_dir,
+            max_batch_sequences: self.max_batch_sequences,
+            metrics,
+        })
+        .await
+        .map_err(|error| match error {
+            EngineError::Load { .. }
+            | EngineError::NoTokenizer(_)
+            | EngineError::Adapter { .. } => {
+                DeploymentError::Unloadable(in_storage_terms(&error.to_string(), &shown))
+            }
+            other => DeploymentError::Engine(Box::new(other)),
+        })
+    }
+
+    /// The local folder of the artifacts under `prefix`, downloaded unless already cached
+    /// (then also added to `fetched`). Registered artifacts never change, so a prefix names
+    /// its content for good.
+    async fn fetch(
+        &self,
+        prefix: &str,
+        fetched: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, DeploymentError> {
         let folder = encode_segment(prefix.trim_end_matches('/'));
         let dir = self.cache_dir.join(&folder);
         if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
@@ -241,9 +298,25 @@ impl Loader {
             if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
                 return Err(failed(DownloadError::Io { path: dir, source }));
             }
+            return Ok(dir);
         }
+        fetched.push(dir.clone());
         Ok(dir)
     }
+}
+
+/// `message` with each local folder in `shown` replaced by the storage prefix it was copied
+/// from: the cache's place on the gateway's disk is nobody's business, the prefix is the
+/// version's.
+fn in_storage_terms(message: &str, shown: &[(PathBuf, &str); 2]) -> String {
+    let mut message = message.to_owned();
+    for (dir, prefix) in shown {
+        if !prefix.is_empty() {
+            let local = dir.display().to_string();
+            message = message.replace(&local, prefix.trim_end_matches('/'));
+        }
+    }
+    message
 }
 
 /// Copies every object under `prefix` into `dir`, keeping relative paths; returns the count.

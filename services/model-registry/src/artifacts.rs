@@ -5,7 +5,7 @@
 //! `adapter_config.json` a PEFT adapter config), every `.safetensors` file must have a
 //! readable header whose tensors fit in the file, and a model's weights must open as the
 //! loader opens them (`model.safetensors`, or the shards `model.safetensors.index.json`
-//! lists). Only then are the files stored; if storing fails halfway, what was stored is
+//! lists), holding every tensor the config requires in the shape it implies. Only then are the files stored; if storing fails halfway, what was stored is
 //! deleted, so a failed upload leaves nothing behind. A folder already in storage is checked
 //! the same way from its JSON files and the headers of its `.safetensors` files alone.
 
@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Component, Path, PathBuf};
 
-use ferrite_model::checkpoint::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use ferrite_model::checkpoint::{self, CheckpointError, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use ferrite_model::config::ModelConfig;
 use ferrite_model::safetensors::{MAX_HEADER_BYTES, SafetensorsError, Weights};
 use ferrite_platform::storage::{ObjectKey, Storage};
@@ -180,8 +180,15 @@ pub fn check_folder(
     };
     match kind {
         VersionKind::Model | VersionKind::RewardModel => {
-            check_model_config(require("config.json")?)?;
-            check_weights(root, find(WEIGHTS_INDEX_FILE).is_some(), kind)?;
+            let config = check_model_config(require("config.json")?)?;
+            let weights = check_weights(root, find(WEIGHTS_INDEX_FILE).is_some(), kind)?;
+            // TODO: a reward model's folder format is not settled (a score head beside or in
+            // place of `lm_head`), so only its weights' readability is checked; a reward model
+            // whose backbone tensors are missing or misshapen registers and fails when loaded.
+            if kind == VersionKind::Model {
+                checkpoint::check_tensors(&config, &weights)
+                    .map_err(|error| tensors_error(root, error))?;
+            }
         }
         VersionKind::Adapter => {
             check_adapter_config(require("adapter_config.json")?)?;
@@ -262,7 +269,7 @@ fn check_adapter_config(file: &ArtifactFile) -> Result<(), RegistryError> {
 /// path that leaves the folder, a shard that is missing, a tensor placed in a shard that
 /// does not hold it) is refused here, naming the file, rather than when a job or a
 /// deployment first loads the version.
-fn check_weights(root: &Path, indexed: bool, kind: VersionKind) -> Result<(), RegistryError> {
+fn check_weights(root: &Path, indexed: bool, kind: VersionKind) -> Result<Weights, RegistryError> {
     let weights = Weights::open(root, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
         .map_err(|error| weights_error(root, indexed, kind, error))?;
     if weights.names().next().is_none() {
@@ -273,7 +280,56 @@ fn check_weights(root: &Path, indexed: bool, kind: VersionKind) -> Result<(), Re
         };
         return Err(bad(file, format!("`{file}` holds no tensor")));
     }
-    Ok(())
+    Ok(weights)
+}
+
+/// `path` as the user knows it: inside the folder, not the registry's scratch space.
+fn relative_to(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// A tensor the config requires and the weights lack or misshape, or one the model has no
+/// place for, as the user's mistake naming the file and the tensor.
+fn tensors_error(root: &Path, error: CheckpointError) -> RegistryError {
+    match error {
+        CheckpointError::MissingTensor { path, name } => {
+            let file = relative_to(root, &path);
+            bad(
+                &file,
+                format!("`{file}` has no tensor `{name}`, which `config.json` requires"),
+            )
+        }
+        CheckpointError::ShapeMismatch {
+            path,
+            name,
+            expected,
+            found,
+        } => {
+            let file = relative_to(root, &path);
+            bad(
+                &file,
+                format!(
+                    "`{file}`: tensor `{name}` has shape {found:?}, but `config.json` implies \
+                     {expected:?}"
+                ),
+            )
+        }
+        CheckpointError::UnexpectedTensor { path, name } => {
+            let file = relative_to(root, &path);
+            bad(
+                &file,
+                format!(
+                    "`{file}` has tensor `{name}`, which a Llama model with this `config.json` \
+                     does not have"
+                ),
+            )
+        }
+        // The check reads headers only: nothing else can come of it.
+        other => RegistryError::io("cannot check the weights")(std::io::Error::other(other)),
+    }
 }
 
 /// A weights error as the user's mistake, naming the file by its path in the folder rather
@@ -284,11 +340,7 @@ fn weights_error(
     kind: VersionKind,
     error: SafetensorsError,
 ) -> RegistryError {
-    let relative = |path: &str| {
-        Path::new(path)
-            .strip_prefix(root)
-            .map_or_else(|_| path.to_owned(), |p| p.display().to_string())
-    };
+    let relative = |path: &str| relative_to(root, Path::new(path));
     match error {
         SafetensorsError::Io { path, source } => {
             let file = relative(&path);
@@ -555,6 +607,10 @@ async fn delete_all(storage: &Storage, keys: &[ObjectKey]) {
 }
 
 #[cfg(test)]
+#[path = "../tests/support/weights.rs"]
+mod test_weights;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -674,22 +730,52 @@ mod tests {
         assert!(check_folder(dir.path(), &[config, weights], VersionKind::Model).is_err());
     }
 
-    /// A `tiny` config and two shards, `a` in the first and `b` in the second, with the index
-    /// `weight_map` gives (nothing is written for it when it is `None`).
+    use super::test_weights as weights;
+    use weights::mini_config;
+
+    /// A safetensors file of f32 zeros in `shapes`.
+    fn zeros_file(dir: &Path, name: &str, shapes: &BTreeMap<String, Vec<i64>>) -> ArtifactFile {
+        write(dir, name, &weights::zeros_safetensors(shapes))
+    }
+
+    /// The mini model in two shards, `model.embed_tokens.weight` in `model-1` and the rest in
+    /// `model-2`, with the index `weight_map` gives (nothing is written for it when `None`).
     fn sharded_model(dir: &Path, weight_map: Option<&str>) -> Vec<ArtifactFile> {
-        let config = ModelConfig::preset("tiny")
-            .expect("a preset")
-            .to_json_string();
+        let config = mini_config();
+        let (first, second): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            ferrite_model::Llama::parameter_shapes(&config)
+                .into_iter()
+                .partition(|(name, _)| name == "model.embed_tokens.weight");
         let mut files = vec![
-            write(dir, "config.json", config.as_bytes()),
-            write(dir, "model-1.safetensors", &tensor_file("a", 8)),
-            write(dir, "model-2.safetensors", &tensor_file("b", 8)),
+            write(dir, "config.json", config.to_json_string().as_bytes()),
+            zeros_file(dir, "model-1.safetensors", &first),
+            zeros_file(dir, "model-2.safetensors", &second),
         ];
         if let Some(weight_map) = weight_map {
             let index = format!(r#"{{"metadata": {{}}, "weight_map": {weight_map}}}"#);
             files.push(write(dir, WEIGHTS_INDEX_FILE, index.as_bytes()));
         }
         files
+    }
+
+    /// The index placing every tensor of [`sharded_model`] where it is, but `moved` in `file`.
+    fn weight_map_moving(moved: &str, file: &str) -> String {
+        let mut map: BTreeMap<String, String> =
+            ferrite_model::Llama::parameter_shapes(&mini_config())
+                .into_keys()
+                .map(|name| {
+                    let shard = if name == "model.embed_tokens.weight" {
+                        1
+                    } else {
+                        2
+                    };
+                    (name, format!("model-{shard}.safetensors"))
+                })
+                .collect();
+        if !moved.is_empty() {
+            map.insert(moved.to_owned(), file.to_owned());
+        }
+        serde_json::to_string(&map).expect("a map serialises")
     }
 
     /// The file a refusal names and its message; panics when the folder passes.
@@ -703,41 +789,50 @@ mod tests {
     #[test]
     fn a_sharded_model_passes_when_its_index_places_every_tensor() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let files = sharded_model(
-            dir.path(),
-            Some(r#"{"a": "model-1.safetensors", "b": "model-2.safetensors"}"#),
-        );
+        let files = sharded_model(dir.path(), Some(&weight_map_moving("", "")));
         check_folder(dir.path(), &files, VersionKind::Model).expect("a valid sharded model");
     }
 
     #[test]
     fn a_broken_or_hostile_shard_index_is_refused_naming_the_index() {
         // Each index is wrong in one way; the words each message must hold say which.
+        let embed = "model.embed_tokens.weight";
         let cases = [
-            (r#"{"a": "model-1.safetensors""#, "not a usable shard index"),
-            (r#"["model-1.safetensors"]"#, "not a name-to-file map"),
             (
-                r#"{"a": "../model-1.safetensors"}"#,
+                r#"{"model.norm.weight": "model-2.safetensors""#.to_owned(),
+                "not a usable shard index",
+            ),
+            (
+                r#"["model-1.safetensors"]"#.to_owned(),
+                "not a name-to-file map",
+            ),
+            (
+                weight_map_moving(embed, "../model-1.safetensors"),
                 r#""../model-1.safetensors" is not a file name"#,
             ),
             (
-                r#"{"a": "/etc/passwd"}"#,
+                weight_map_moving(embed, "/etc/passwd"),
                 r#""/etc/passwd" is not a file name"#,
             ),
             (
-                r#"{"a": "model-3.safetensors"}"#,
+                weight_map_moving(embed, "model-3.safetensors"),
                 "the shard `model-3.safetensors`, which is not",
             ),
-            // `b` is in the second shard, not the first.
+            // The norm is in the second shard, not the first.
             (
-                r#"{"a": "model-1.safetensors", "b": "model-1.safetensors"}"#,
-                "puts b in model-1",
+                weight_map_moving("model.norm.weight", "model-1.safetensors"),
+                "puts model.norm.weight in model-1",
             ),
-            (r#"{}"#, "holds no tensor"),
+            (r#"{}"#.to_owned(), "holds no tensor"),
+            // Every listed tensor is where the index says, but the config needs the rest.
+            (
+                format!(r#"{{"{embed}": "model-1.safetensors"}}"#),
+                "has no tensor `lm_head.weight`, which `config.json` requires",
+            ),
         ];
         for (weight_map, expected) in cases {
             let dir = tempfile::tempdir().expect("temp dir");
-            let files = sharded_model(dir.path(), Some(weight_map));
+            let files = sharded_model(dir.path(), Some(&weight_map));
             let (param, message) = refusal(dir.path(), &files);
             assert_eq!(param, WEIGHTS_INDEX_FILE, "{weight_map}: {message}");
             assert!(message.contains(expected), "{weight_map}: {message}");
@@ -750,6 +845,58 @@ mod tests {
                 "the scratch folder is not the user's business: {message}"
             );
         }
+    }
+
+    #[test]
+    fn weights_the_config_does_not_describe_are_refused_naming_the_file_and_tensor() {
+        // Each single-file model the loader refuses, with the tensor the refusal must name:
+        // the attack's lone `x`, an embedding of shape [1] (the config implies [16, 8]: vocab
+        // by hidden), and a model whole but for one extra tensor.
+        let config = mini_config();
+        let shapes = ferrite_model::Llama::parameter_shapes(&config);
+        let lone = BTreeMap::from([("x".to_owned(), vec![2])]);
+        let mut misshapen = shapes.clone();
+        misshapen.insert("model.embed_tokens.weight".into(), vec![1]);
+        let mut extra = shapes.clone();
+        extra.insert("model.layers.9.mlp.up_proj.weight".into(), vec![16, 8]);
+        let cases = [
+            (
+                lone,
+                "no tensor `lm_head.weight`, which `config.json` requires",
+            ),
+            (
+                misshapen,
+                "`model.embed_tokens.weight` has shape [1], but `config.json` implies [16, 8]",
+            ),
+            (
+                extra,
+                "tensor `model.layers.9.mlp.up_proj.weight`, which a Llama model",
+            ),
+        ];
+        for (tensors, expected) in cases {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let files = vec![
+                write(
+                    dir.path(),
+                    "config.json",
+                    config.to_json_string().as_bytes(),
+                ),
+                zeros_file(dir.path(), WEIGHTS_FILE, &tensors),
+            ];
+            let (param, message) = refusal(dir.path(), &files);
+            assert_eq!(param, WEIGHTS_FILE, "{message}");
+            assert!(message.contains(expected), "{message}");
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let whole = vec![
+            write(
+                dir.path(),
+                "config.json",
+                config.to_json_string().as_bytes(),
+            ),
+            zeros_file(dir.path(), WEIGHTS_FILE, &shapes),
+        ];
+        check_folder(dir.path(), &whole, VersionKind::Model).expect("the weights the config needs");
     }
 
     #[test]

@@ -13,26 +13,51 @@ use common::{SHARED_AMQP_URL, eventually, ready_messages, take_message};
 use lapin::types::AMQPValue;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{PATIENCE, Registry, finished, tar_of, tensor_file, tiny_adapter_folder};
+use support::{PATIENCE, Registry, finished, tar_of, tiny_adapter_folder};
 
 const INDEX: &str = "model.safetensors.index.json";
 const FIRST: &str = "model-00001-of-00002.safetensors";
 const SECOND: &str = "model-00002-of-00002.safetensors";
 
-/// A `tiny` model whose weights are two shards, tensor `a` in the first and `b` in the second,
-/// with an index holding `weight_map`.
+const EMBED: &str = "model.embed_tokens.weight";
+
+/// The mini model's tensors: the embedding in the first shard, the rest in the second.
+fn shard_tensors() -> (BTreeMap<String, Vec<i64>>, BTreeMap<String, Vec<i64>>) {
+    ferrite_model::Llama::parameter_shapes(&support::mini_config())
+        .into_iter()
+        .partition(|(name, _)| name == EMBED)
+}
+
+/// The mini model whose weights are two shards (see [`shard_tensors`]), with an index holding
+/// `weight_map`.
 fn sharded(weight_map: Value) -> BTreeMap<String, Vec<u8>> {
+    let (first, second) = shard_tensors();
     let mut folder = support::tiny_model_folder();
     folder.remove("model.safetensors");
-    folder.insert(FIRST.into(), tensor_file("a", 8));
-    folder.insert(SECOND.into(), tensor_file("b", 8));
+    folder.insert(FIRST.into(), support::zeros_safetensors(&first));
+    folder.insert(SECOND.into(), support::zeros_safetensors(&second));
     let index = json!({"metadata": {}, "weight_map": weight_map});
     folder.insert(INDEX.into(), index.to_string().into_bytes());
     folder
 }
 
+/// The index placing every tensor where it is, but `moved` in `file`.
+fn placed_but(moved: &str, file: &str) -> Value {
+    let (first, second) = shard_tensors();
+    let mut map = serde_json::Map::new();
+    for (tensors, shard) in [(first, FIRST), (second, SECOND)] {
+        for name in tensors.into_keys() {
+            map.insert(name, shard.into());
+        }
+    }
+    if !moved.is_empty() {
+        map.insert(moved.into(), file.into());
+    }
+    Value::Object(map)
+}
+
 fn placed() -> Value {
-    json!({"a": FIRST, "b": SECOND})
+    placed_but("", "")
 }
 
 /// Indexes the loader refuses, each wrong in one way, with words its refusal must hold.
@@ -42,19 +67,27 @@ fn hostile_indexes() -> Vec<(BTreeMap<String, Vec<u8>>, &'static str)> {
     vec![
         (not_json, "not JSON"),
         (
-            sharded(json!({"a": "../model.safetensors", "b": SECOND})),
+            sharded(placed_but(EMBED, "../model.safetensors")),
             "\"../model.safetensors\" is not a file name",
         ),
         (
-            sharded(json!({"a": "/etc/passwd", "b": SECOND})),
+            sharded(placed_but(EMBED, "/etc/passwd")),
             "\"/etc/passwd\" is not a file name",
         ),
         (
-            sharded(json!({"a": FIRST, "b": "model-00003-of-00003.safetensors"})),
+            sharded(placed_but(EMBED, "model-00003-of-00003.safetensors")),
             "the shard `model-00003-of-00003.safetensors`, which is not",
         ),
-        // `b` is in the second shard.
-        (sharded(json!({"a": FIRST, "b": FIRST})), "puts b in"),
+        // The norm is in the second shard.
+        (
+            sharded(placed_but("model.norm.weight", FIRST)),
+            "puts model.norm.weight in",
+        ),
+        // Every tensor listed is where the index says, but the config requires the rest.
+        (
+            sharded(json!({ EMBED: FIRST })),
+            "has no tensor `lm_head.weight`, which `config.json` requires",
+        ),
     ]
 }
 
@@ -164,8 +197,9 @@ async fn a_sharded_model_registers_and_a_broken_or_hostile_index_is_refused_by_n
         assert_refused(refused, (400, "invalid_artifact", INDEX), &[INDEX, words]);
     }
     let mut truncated = sharded(placed());
-    // 4,096 bytes claimed, 8 stored.
-    truncated.insert(FIRST.into(), tensor_file("a", 4096));
+    // The embedding's last 4 bytes cut off: its header points past the end.
+    let first = truncated.get_mut(FIRST).expect("the first shard");
+    first.truncate(first.len() - 4);
     registry
         .store_folder("models/smol/truncated/", &truncated)
         .await;

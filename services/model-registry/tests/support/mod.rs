@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferrite_model::config::ModelConfig;
 use ferrite_model_registry::ModelRegistry;
 use ferrite_platform::amqp::{Broker, OutgoingMessage};
 use ferrite_platform::storage::{ObjectKey, Storage};
@@ -25,6 +24,10 @@ use uuid::Uuid;
 use crate::common::app::{ADMIN_TOKEN, test_env};
 use crate::common::s3::S3Server;
 use crate::common::{SHARED_AMQP_URL, TestDatabase, delete_topology};
+
+mod weights;
+
+pub use weights::{mini_config, zeros_safetensors};
 
 /// Bounds every wait on the consumer; never a measurement.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -271,15 +274,18 @@ pub fn tensor_file(name: &str, data_end: u64) -> Vec<u8> {
     bytes
 }
 
-/// The `tiny` preset's config.json and a small, well-formed safetensors file.
+/// [`mini_config`]'s config.json and weights holding every tensor it requires.
 pub fn tiny_model_folder() -> BTreeMap<String, Vec<u8>> {
-    let config = ModelConfig::preset("tiny").expect("tiny is a preset");
+    let config = mini_config();
     BTreeMap::from([
         (
             "config.json".to_owned(),
             config.to_json_string().into_bytes(),
         ),
-        ("model.safetensors".to_owned(), safetensors(8)),
+        (
+            "model.safetensors".to_owned(),
+            zeros_safetensors(&ferrite_model::Llama::parameter_shapes(&config)),
+        ),
     ])
 }
 
