@@ -36,12 +36,49 @@ pub struct ErrorBody {
     pub param: Option<String>,
 }
 
+/// The most characters of one word (a run without spaces: a name, a value the client sent)
+/// that an error message keeps; a longer one is cut and ends in `…`.
+const WORD_CHARS: usize = 200;
+
+/// The most characters an error message or `param` keeps, for values with spaces in them.
+const MESSAGE_CHARS: usize = 2_000;
+
+/// `text` with each word over [`WORD_CHARS`] cut, and the whole cut at [`MESSAGE_CHARS`].
+///
+/// Messages echo what the client sent (`` `name` is not a valid name ``) so that it can find
+/// the value at fault; a few hundred characters are enough to find it, and echoing it whole
+/// would make a 3 MB name a 3 MB error body (and a 3 MB log line wherever it is logged).
+fn clipped(text: String) -> String {
+    let long = |piece: &str, limit: usize| piece.chars().nth(limit).is_some();
+    if !text.split_whitespace().any(|word| long(word, WORD_CHARS)) && !long(&text, MESSAGE_CHARS) {
+        return text;
+    }
+    let mut out = String::new();
+    for piece in text.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
+        if long(word, WORD_CHARS) {
+            out.extend(word.chars().take(WORD_CHARS));
+            out.push('…');
+            // The quote or bracket that closed the value still closes it.
+            out.extend(word.chars().last().filter(char::is_ascii_punctuation));
+            out.push_str(&piece[word.len()..]);
+        } else {
+            out.push_str(piece);
+        }
+    }
+    if long(&out, MESSAGE_CHARS) {
+        out = out.chars().take(MESSAGE_CHARS).chain(['…']).collect();
+    }
+    out
+}
+
 impl ApiError {
+    /// An error with `message`, each value it echoes cut to a few hundred characters.
     pub fn new(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
             body: ErrorBody {
-                message: message.into(),
+                message: clipped(message.into()),
                 kind: kind.to_owned(),
                 code: Some(code.to_owned()),
                 param: None,
@@ -51,7 +88,7 @@ impl ApiError {
 
     /// Names the request field or line at fault.
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
-        self.body.param = Some(param.into());
+        self.body.param = Some(clipped(param.into()));
         self
     }
 
@@ -349,6 +386,35 @@ mod tests {
             error.body().param,
             None,
             "serde_urlencoded does not name it"
+        );
+    }
+
+    #[test]
+    fn an_echoed_value_is_cut_to_a_few_hundred_characters() {
+        // Regression: a 3 MB name came back whole in the message and the param.
+        let name = "x".repeat(3 << 20);
+        let error = ApiError::invalid_request(
+            "invalid_value",
+            format!("`{name}` is not a valid name; use letters"),
+        )
+        .with_param(format!("models.{name}"));
+        // The backtick and the first 199 `x`s (200 characters), the ellipsis, the closing
+        // backtick; the rest of the sentence stays.
+        let kept = format!("`{}…` is not a valid name; use letters", "x".repeat(199));
+        assert_eq!(error.body().message, kept);
+        assert_eq!(
+            error.body().param.as_deref().map(|p| p.chars().count()),
+            Some(201)
+        );
+        // A long value made of short words is cut as a whole, after 2,000 characters.
+        let words = "ab ".repeat(1_000);
+        let error = ApiError::invalid_request("invalid_value", words);
+        assert_eq!(error.body().message.chars().count(), MESSAGE_CHARS + 1);
+        assert!(error.body().message.ends_with('…'));
+        // A short message is left as it is.
+        assert_eq!(
+            ApiError::conflict("c", "`a b` exists").body().message,
+            "`a b` exists"
         );
     }
 

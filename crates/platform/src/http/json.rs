@@ -170,12 +170,53 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 fn value_error(path: &Path, error: &serde_json::Error) -> ApiError {
-    let message = error.to_string();
+    let message = plain_words(&error.to_string());
     match param(path, &message) {
         Some(param) => ApiError::invalid_request("invalid_value", format!("`{param}`: {message}"))
             .with_param(param),
         None => ApiError::invalid_request("invalid_value", format!("invalid body: {message}")),
     }
+}
+
+/// serde's message with the Rust it leaks put in the client's words: the names of types
+/// (`expected struct RegisterVersion`) say nothing to a client, an untagged enum's message
+/// names the enum and none of its forms, and the position serde_json appends is redundant
+/// next to the path (and `column 0` when the value came from serde's buffer).
+fn plain_words(message: &str) -> String {
+    if message.starts_with("data did not match any variant of untagged enum") {
+        return "matches none of the forms this value can take".to_owned();
+    }
+    let message = match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => &message[..at],
+        _ => message,
+    };
+    let mut words = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("expected ") {
+        let after = &rest[at + "expected ".len()..];
+        let kinds = [
+            ("struct variant ", "a JSON object"),
+            ("tuple struct ", "a list"),
+            ("struct ", "a JSON object"),
+            ("internally tagged enum ", "a JSON object with its tag"),
+            ("adjacently tagged enum ", "a JSON object with its tag"),
+            ("enum ", "one of its allowed values"),
+        ];
+        let Some((kind, plain)) = kinds.iter().find(|(kind, _)| after.starts_with(kind)) else {
+            words.push_str(&rest[..at + "expected ".len()]);
+            rest = after;
+            continue;
+        };
+        let name = &after[kind.len()..];
+        let end = name
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(name.len());
+        words.push_str(&rest[..at + "expected ".len()]);
+        words.push_str(plain);
+        rest = &name[end..];
+    }
+    words.push_str(rest);
+    words
 }
 
 /// The full path of the value at fault, or `None` when it is the body itself. A missing field
@@ -316,6 +357,32 @@ mod tests {
             param(r#"{"kind": "sft", "epochs": 3}"#).as_deref(),
             Some("epochs")
         );
+    }
+
+    #[test]
+    fn serde_messages_are_put_in_the_clients_words() {
+        // Regression: messages named Rust types and serde_json's position of a buffered value.
+        for (serde, plain) in [
+            (
+                "invalid type: sequence, expected struct RegisterVersion at line 1 column 0",
+                "invalid type: sequence, expected a JSON object",
+            ),
+            (
+                "data did not match any variant of untagged enum VersionSelector",
+                "matches none of the forms this value can take",
+            ),
+            (
+                "invalid type: integer `5`, expected struct variant Schedule::Cosine",
+                "invalid type: integer `5`, expected a JSON object",
+            ),
+            (
+                "invalid type: string \"x\", expected f64 at line 3 column 12",
+                "invalid type: string \"x\", expected f64",
+            ),
+            ("missing field `lr`", "missing field `lr`"),
+        ] {
+            assert_eq!(plain_words(serde), plain);
+        }
     }
 
     #[test]
