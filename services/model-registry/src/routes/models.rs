@@ -187,11 +187,25 @@ pub async fn register_version(
 }
 
 /// The object key of an artifact prefix as given (with or without its trailing `/`).
+///
+/// A folder under a job's `checkpoints/` is refused: the training runner deletes older
+/// checkpoints as a job goes on (`keep_checkpoints`), so a version registered in place there
+/// would be left pointing at nothing. A job's `output/` is the job's for good.
 fn artifact_key(prefix: &str) -> Result<ObjectKey, RegistryError> {
-    ObjectKey::parse(prefix.trim_end_matches('/')).map_err(|e| RegistryError::Invalid {
-        message: e.to_string(),
+    let invalid = |message: String| RegistryError::Invalid {
+        message,
         param: Some("artifact_prefix".into()),
-    })
+    };
+    let key = ObjectKey::parse(prefix.trim_end_matches('/')).map_err(|e| invalid(e.to_string()))?;
+    let segments: Vec<&str> = key.as_str().split('/').collect();
+    if let ["jobs", job, "checkpoints", ..] = segments.as_slice() {
+        return Err(invalid(format!(
+            "`{key}` is a checkpoint of the job {job}, which the training runner prunes as the \
+             job goes on, so it cannot be registered in place; download its files and upload \
+             them (POST /v1/registry/models/{{name}}/uploads) to keep it"
+        )));
+    }
+    Ok(key)
 }
 
 /// Resolves the references in `lineage` and checks the rules that tie fields together.
@@ -268,6 +282,33 @@ async fn referenced(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_checkpoint_is_refused_in_place_and_a_job_output_is_not() {
+        // The runner's layout: `jobs/<id>/checkpoints/step-<n>/` (pruned), `jobs/<id>/output/`.
+        let job = "0190c2a4-0000-7000-8000-000000000001";
+        for pruned in [
+            format!("jobs/{job}/checkpoints/step-50/"),
+            format!("jobs/{job}/checkpoints"),
+        ] {
+            match artifact_key(&pruned) {
+                Err(RegistryError::Invalid { message, param }) => {
+                    assert_eq!(param.as_deref(), Some("artifact_prefix"));
+                    assert!(
+                        message.contains("prunes") && message.contains("upload"),
+                        "{message}"
+                    );
+                }
+                other => panic!("{pruned} was not refused: {other:?}"),
+            }
+        }
+        for kept in [
+            format!("jobs/{job}/output/"),
+            "models/m/checkpoints/x".to_owned(),
+        ] {
+            assert!(artifact_key(&kept).is_ok(), "{kept}");
+        }
+    }
 
     #[test]
     fn an_unknown_field_is_refused_beside_the_flattened_lineage() {
