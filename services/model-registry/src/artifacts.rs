@@ -75,7 +75,7 @@ pub fn unpack_tar(archive: &Path, dir: &Path) -> Result<(), RegistryError> {
                 format!("the entry `{shown}` is not a regular file (links are refused)"),
             ));
         }
-        let target = dir.join(&path);
+        let target = file_target(dir, &path, &shown)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(RegistryError::io("cannot unpack"))?;
         }
@@ -84,6 +84,47 @@ pub fn unpack_tar(archive: &Path, dir: &Path) -> Result<(), RegistryError> {
             .map_err(|e| bad(&shown, format!("the entry `{shown}` is truncated: {e}")))?;
     }
     Ok(())
+}
+
+/// Where the file entry `path` (already known to stay inside `dir`) is unpacked. An entry
+/// with no name (`.`, `./`), one where an earlier entry made a folder, and one under a name an
+/// earlier entry made a file are refused naming the entry: they cannot be unpacked, and are no
+/// folder the loader could read.
+fn file_target(dir: &Path, path: &Path, shown: &str) -> Result<PathBuf, RegistryError> {
+    let parts: Vec<_> = path
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    if parts.is_empty() {
+        return Err(bad(
+            shown,
+            format!("the entry `{shown}` is a file with no name"),
+        ));
+    }
+    let mut target = dir.to_path_buf();
+    for (index, part) in parts.iter().enumerate() {
+        target.push(part);
+        let last = index + 1 == parts.len();
+        match std::fs::symlink_metadata(&target) {
+            Ok(found) if last && found.is_dir() => {
+                return Err(bad(
+                    shown,
+                    format!("the entry `{shown}` is a file where an earlier entry made a folder"),
+                ));
+            }
+            Ok(found) if !last && !found.is_dir() => {
+                let file = target.strip_prefix(dir).unwrap_or(&target).display();
+                return Err(bad(
+                    shown,
+                    format!(
+                        "the entry `{shown}` lies under `{file}`, which an earlier entry made a file"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(target)
 }
 
 /// The folder's root: `dir` itself, or its only sub-folder when an archive wrapped the files
@@ -682,6 +723,52 @@ mod tests {
             br#"{"peft_type":"LORA"}"#,
         );
         assert!(check_folder(dir.path(), &[rankless, weights], VersionKind::Adapter).is_err());
+    }
+
+    /// A tar of regular files named as given, written into the header as they are (the tar
+    /// crate's own path setter would refuse or tidy some of them).
+    fn raw_tar(names: &[&str]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for name in names {
+            let mut header = tar::Header::new_gnu();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_size(2);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_cksum();
+            builder.append(&header, &b"{}"[..]).expect("append");
+        }
+        builder.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn a_file_entry_with_no_name_or_clashing_with_an_earlier_entry_is_refused_naming_it() {
+        // Each made unpacking fail with an I/O error (a 500): a file named `.` is the folder
+        // itself, and a path cannot be both a file and a folder.
+        let cases: [(&[&str], &str, &str); 4] = [
+            (&["."], ".", "no name"),
+            (&["./"], "./", "no name"),
+            (
+                &["config.json", "config.json/x"],
+                "config.json/x",
+                "made a file",
+            ),
+            (&["a/x", "a"], "a", "made a folder"),
+        ];
+        for (names, entry, words) in cases {
+            let scratch = tempfile::tempdir().expect("temp dir");
+            let archive = scratch.path().join("upload.tar");
+            std::fs::write(&archive, raw_tar(names)).expect("write");
+            let unpacked = scratch.path().join("folder");
+            std::fs::create_dir(&unpacked).expect("mkdir");
+            match unpack_tar(&archive, &unpacked) {
+                Err(RegistryError::BadArtifact { message, param }) => {
+                    assert_eq!(param, entry, "{names:?}: {message}");
+                    assert!(message.contains(words), "{names:?}: {message}");
+                }
+                other => panic!("{names:?} was not refused: {other:?}"),
+            }
+        }
     }
 
     #[test]
