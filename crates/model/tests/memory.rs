@@ -188,10 +188,11 @@ fn a_quantised_load_names_the_tensor_whose_shape_disagrees() {
             found,
             ..
         } => {
-            // The first MLP projection built is layer 0's gate: [intermediate, hidden].
-            assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
-            assert_eq!(expected, vec![384, 128]);
-            assert_eq!(found, vec![352, 128]);
+            // Every shape is checked from the headers, by name, before any tensor is read: the
+            // first name that disagrees is layer 0's down projection, [hidden, intermediate].
+            assert_eq!(name, "model.layers.0.mlp.down_proj.weight");
+            assert_eq!(expected, vec![128, 384]);
+            assert_eq!(found, vec![128, 352]);
         }
         other => panic!("expected a shape mismatch, got {other}"),
     }
