@@ -213,7 +213,14 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     default_system_prompt: Option<String>,
     pieces: Arc<TokenPieces>,
+    /// The most bytes of input one token can stand for; see [`Tokenizer::min_tokens`].
+    max_bytes_per_token: usize,
 }
+
+/// How many times shorter a normalizer can make a text: Unicode composition (NFC, NFKC)
+/// folds at most three code points into one of no more bytes (a Hangul syllable from its
+/// three jamo, 9 bytes to 3). Byte-level tokenizers use no other kind of normalizer.
+const NORMALIZER_SHRINK: usize = 3;
 
 impl Tokenizer {
     /// Trains a tokenizer on an iterator of texts.
@@ -351,6 +358,12 @@ impl Tokenizer {
             .as_deref()
             .and_then(default_system_prompt_of_template);
         let pieces = Arc::new(token_pieces(&inner));
+        let longest = pieces.bytes.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let shrink = if inner.get_normalizer().is_some() {
+            NORMALIZER_SHRINK
+        } else {
+            1
+        };
         Ok(Self {
             inner,
             bos_id,
@@ -361,7 +374,17 @@ impl Tokenizer {
             chat_template,
             default_system_prompt,
             pieces,
+            max_bytes_per_token: longest * shrink,
         })
+    }
+
+    /// The fewest tokens a text of `bytes` bytes can encode to, known without encoding it:
+    /// byte-level BPE covers every byte of the (normalized) text with exactly one token, and
+    /// no token stands for more bytes than the longest in the vocabulary. A server checks a
+    /// prompt against its context with this before paying for encoding it (time and memory
+    /// grow with the text, and a 16 MB prompt costs seconds and gigabytes to find too long).
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes / self.max_bytes_per_token
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`, the pair that

@@ -472,3 +472,29 @@ fn python_loads_the_saved_smollm2_tokenizer_and_agrees_on_text_and_chat() {
         "{report}"
     );
 }
+
+/// `min_tokens` is a floor known from a text's size alone: it must never exceed what encoding
+/// gives, for texts the vocabulary covers in long merged tokens as well as byte by byte.
+#[test]
+fn the_size_floor_never_exceeds_the_encoded_length() {
+    let tokenizer = trained(400);
+    let merged = corpus().join(" ");
+    let texts = [
+        merged.clone(),
+        merged.repeat(5),
+        "x".repeat(10_000),
+        "ÿ€😀".repeat(1_000),
+        String::new(),
+    ];
+    for text in &texts {
+        let encoded = tokenizer.encode(text, false).expect("encodes").len();
+        let floor = tokenizer.min_tokens(text.len());
+        assert!(
+            floor <= encoded,
+            "floor {floor} > {encoded} tokens for {} bytes",
+            text.len()
+        );
+    }
+    // Not a vacuous floor: a long text's floor grows with it.
+    assert!(tokenizer.min_tokens(merged.repeat(5).len()) > 0);
+}

@@ -311,9 +311,9 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
     }
 
     // 300 bytes are 300 tokens (no merges), one more with BOS; the tiny preset's context is 256.
-    // 300 KiB is also over actix's own 256 KiB body default but under the configured 16 MiB
-    // limit (the test settings keep the default), so it reaches the context check, not a 413.
-    for bytes in [300, 300 * 1024] {
+    // The prompt is short enough that only counting its tokens shows it too long (a far longer
+    // one is refused by its size alone, below), so the message gives the counted length.
+    for bytes in [300] {
         let long = "x".repeat(bytes);
         let expected_length = chain_tokenizer()
             .encode(&long, true)
@@ -465,6 +465,37 @@ async fn bad_requests_are_refused_before_any_stream_and_the_server_keeps_serving
         assert_eq!(status, 400, "{field}: {body}");
         assert_eq!(body["error"]["code"], "context_length_exceeded", "{field}");
         assert_eq!(body["error"]["param"], field);
+    }
+
+    // Regression: a prompt far past the context was encoded whole before the context check,
+    // seconds and gigabytes for 16 MB. Its size alone shows it cannot fit (the message speaks of
+    // bytes, not of counted tokens), so it is refused before encoding, on both endpoints.
+    // 8 MiB, and 300 KiB: over actix's own 256 KiB body default but under the configured
+    // 16 MiB limit, so it reaches this check, not a 413.
+    for long in ["a b ".repeat(2 << 20), "x".repeat(300 * 1024)] {
+        for (path, request, param) in [
+            (
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": &long, "max_tokens": 1}),
+                "prompt",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"model": MODEL, "max_tokens": 1,
+                   "messages": [{"role": "user", "content": &long}]}),
+                "messages",
+            ),
+        ] {
+            let (status, body) = gateway.post(path, ADMIN_TOKEN, &request).await;
+            assert_eq!(status, 400, "{path}: {body}");
+            assert_eq!(body["error"]["code"], "context_length_exceeded", "{path}");
+            assert_eq!(body["error"]["param"], param, "{path}");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("{} bytes", long.len())),
+                "{message}"
+            );
+        }
     }
 
     // A prompt of 16 MiB alone puts the body past the 16,777,216-byte limit: a 413 in the

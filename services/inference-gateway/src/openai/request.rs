@@ -33,6 +33,17 @@ pub enum RequestError {
     Unsupported(String),
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    /// Found from the prompt's size alone, before encoding it.
+    #[error(
+        "this model's maximum context length is {limit} tokens; the prompt is {bytes} bytes, \
+         which no tokenization of this model's fits in fewer than {at_least} tokens"
+    )]
+    PromptTooLong {
+        param: &'static str,
+        limit: usize,
+        bytes: usize,
+        at_least: usize,
+    },
     #[error(
         "this model's maximum context length is {limit} tokens; the request has {prompt} \
          prompt tokens and asks for {completion} more ({total} in all)"
@@ -72,7 +83,8 @@ impl From<RequestError> for ApiError {
             RequestError::ModelNotFound(name) => {
                 ApiError::not_found("model", &name).with_param("model")
             }
-            RequestError::ContextLength { param, .. } => {
+            RequestError::ContextLength { param, .. }
+            | RequestError::PromptTooLong { param, .. } => {
                 ApiError::invalid_request("context_length_exceeded", message).with_param(param)
             }
             RequestError::NoChatTemplate(_) => {

@@ -120,9 +120,23 @@ fn prepare(gateway: &Gateway, body: Value, endpoint: Endpoint) -> Result<Prepare
         .get(&model)
         .ok_or_else(|| RequestError::ModelNotFound(model.clone()))?;
     let tokenizer = &deployment.info.tokenizer;
+    // A prompt that cannot fit is refused by its size before it is encoded.
+    let fits = |param: &'static str, bytes: usize| {
+        let (limit, at_least) = (deployment.info.context_length, tokenizer.min_tokens(bytes));
+        if at_least > limit {
+            return Err(RequestError::PromptTooLong {
+                param,
+                limit,
+                bytes,
+                at_least,
+            });
+        }
+        Ok(())
+    };
     let (prompt, format) = match endpoint {
         Endpoint::Completion => {
             let text = body.prompt()?;
+            fits("prompt", text.len())?;
             let ids = tokenizer
                 .encode(&text, true)
                 .map_err(RequestError::Tokenize)?;
@@ -131,6 +145,10 @@ fn prepare(gateway: &Gateway, body: Value, endpoint: Endpoint) -> Result<Prepare
         Endpoint::Chat => {
             body.response_format()?;
             let messages = body.messages()?;
+            fits(
+                "messages",
+                messages.iter().map(|message| message.content.len()).sum(),
+            )?;
             let rendered = tokenizer
                 .render_chat(&messages, true)
                 .map_err(|error| match error {
