@@ -179,7 +179,7 @@ impl Application {
                     }
                 }));
             }
-            openapi.merge(mounted.openapi);
+            merge_openapi(&mut openapi, mounted.openapi, name)?;
             routes.push(mounted.routes);
             pools.push((module.schema(), pool));
             tracing::info!(service = name, "service mounted");
@@ -310,5 +310,67 @@ async fn termination_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+/// Adds a service's OpenAPI document to the process's. utoipa keeps the first of two schemas
+/// that share a name, so two services each defining, say, a `Lineage` would publish one
+/// service's under the other's routes; that is refused at start-up, naming both.
+fn merge_openapi(
+    into: &mut utoipa::openapi::OpenApi,
+    from: utoipa::openapi::OpenApi,
+    service: &str,
+) -> anyhow::Result<()> {
+    if let (Some(have), Some(adding)) = (&into.components, &from.components) {
+        for (name, schema) in &adding.schemas {
+            if let Some(existing) = have.schemas.get(name)
+                && serde_json::to_value(existing)? != serde_json::to_value(schema)?
+            {
+                anyhow::bail!(
+                    "{service} defines an OpenAPI schema `{name}` unlike the one already \
+                     published under that name; give one of them another (`#[schema(as = ...)]`)"
+                );
+            }
+        }
+    }
+    into.merge(from);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::openapi::{ComponentsBuilder, OpenApi, OpenApiBuilder};
+
+    use super::merge_openapi;
+
+    mod datasets {
+        #[derive(utoipa::ToSchema)]
+        pub struct Lineage {
+            pub derived_from: Vec<String>,
+        }
+    }
+
+    mod models {
+        #[derive(utoipa::ToSchema)]
+        pub struct Lineage {
+            pub base_version: Option<String>,
+        }
+    }
+
+    fn document_with<S: utoipa::ToSchema>() -> OpenApi {
+        let components = ComponentsBuilder::new().schema_from::<S>().build();
+        OpenApiBuilder::new().components(Some(components)).build()
+    }
+
+    #[test]
+    fn two_services_publishing_unlike_schemas_under_one_name_are_refused() {
+        let mut openapi = document_with::<datasets::Lineage>();
+        let error = merge_openapi(&mut openapi, document_with::<models::Lineage>(), "models")
+            .expect_err("the second Lineage differs");
+        assert!(error.to_string().contains("`Lineage`"), "{error}");
+
+        // The same schema twice (a type both services share) is no conflict.
+        merge_openapi(&mut openapi, document_with::<datasets::Lineage>(), "again")
+            .expect("identical schemas merge");
     }
 }

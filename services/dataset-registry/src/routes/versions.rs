@@ -70,6 +70,7 @@ pub async fn content(
 
 /// A version and its ancestry.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = DatasetLineage)]
 pub struct Lineage {
     pub version: DatasetVersion,
     /// The versions it was derived from, nearest first.

@@ -117,6 +117,7 @@ pub async fn list_versions(
 
 /// What a registration says about a version's origin; shared by registration and upload.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = VersionLineage)]
 #[serde(deny_unknown_fields)]
 pub struct Lineage {
     /// An adapter's base model version (any reference form).
