@@ -345,6 +345,7 @@ mod tests {
 
     mod datasets {
         #[derive(utoipa::ToSchema)]
+        #[expect(dead_code, reason = "only its schema is used")]
         pub struct Lineage {
             pub derived_from: Vec<String>,
         }
@@ -352,6 +353,7 @@ mod tests {
 
     mod models {
         #[derive(utoipa::ToSchema)]
+        #[expect(dead_code, reason = "only its schema is used")]
         pub struct Lineage {
             pub base_version: Option<String>,
         }
