@@ -6,6 +6,7 @@
 //! special token. Special tokens only come from the methods that place them on purpose.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -222,6 +223,138 @@ pub struct Tokenizer {
 /// three jamo, 9 bytes to 3). Byte-level tokenizers use no other kind of normalizer.
 const NORMALIZER_SHRINK: usize = 3;
 
+/// The largest `tokenizer.json` or `tokenizer_config.json` [`Tokenizer::load`] reads, and the
+/// largest JSON file the model registry accepts. The biggest a real model needs is its
+/// `tokenizer.json`: about 9 MB for Llama 3's 128k vocabulary, about 33 MB for Gemma 3's 262k;
+/// configs are kilobytes. Twice Gemma 3's leaves room for a larger vocabulary and bounds what
+/// one file can make a loader hold.
+pub const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads the JSON file at `path`, refusing one over [`MAX_JSON_BYTES`] before a byte of it is
+/// read. The size is taken from the open file, so it is the file that is then read.
+fn read_json_file(path: &Path) -> Result<String, TokenizerError> {
+    let io = |source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let size_bytes = file.metadata().map_err(io)?.len();
+    if size_bytes > MAX_JSON_BYTES {
+        return Err(TokenizerError::InvalidFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{size_bytes} bytes is more than the {MAX_JSON_BYTES} a tokenizer file may hold"
+            ),
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
+}
+
+/// What [`Tokenizer::load`] reads of `tokenizer_config.json`. Every other field is skipped by
+/// serde without being built, so parsing holds about the file's bytes rather than a tree many
+/// times their size (a `serde_json::Value` of a long number array costs about 17 times).
+#[derive(serde::Deserialize)]
+struct TokenizerConfigFile {
+    #[serde(default)]
+    bos_token: ConfigValue,
+    #[serde(default)]
+    eos_token: ConfigValue,
+    #[serde(default)]
+    pad_token: ConfigValue,
+    #[serde(default)]
+    add_bos_token: ConfigValue,
+    #[serde(default)]
+    chat_template: ConfigValue,
+}
+
+/// One field of `tokenizer_config.json`, kept only as far as [`Tokenizer::load`] uses it:
+/// Hugging Face writes a special token as its text or as an `AddedToken` object with its text
+/// in `content`, a flag as a bool, and a chat template as a string (or a list of named ones,
+/// which is not used). Arrays, numbers and an object's other fields are skipped unbuilt.
+#[derive(Debug, Default, PartialEq)]
+enum ConfigValue {
+    /// Missing or `null`.
+    #[default]
+    Absent,
+    Bool(bool),
+    Text(String),
+    /// An object, with its `content` when that is a string.
+    Object(Option<String>),
+    /// A number or an array.
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for ConfigValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ConfigValueVisitor)
+    }
+}
+
+struct ConfigValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ConfigValueVisitor {
+    type Value = ConfigValue;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Absent)
+    }
+
+    fn visit_none<E>(self) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Absent)
+    }
+
+    fn visit_bool<E>(self, flag: bool) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Bool(flag))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Text(text.to_owned()))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Text(text))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<ConfigValue, E> {
+        Ok(ConfigValue::Other)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ConfigValue, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(ConfigValue::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ConfigValue, A::Error> {
+        // As with a JSON object read whole, a repeated `content` counts as its last value.
+        let mut content = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "content" {
+                content = match map.next_value::<ConfigValue>()? {
+                    ConfigValue::Text(text) => Some(text),
+                    _ => None,
+                };
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(ConfigValue::Object(content))
+    }
+}
+
 impl Tokenizer {
     /// Trains a tokenizer on an iterator of texts.
     pub fn train<I, S>(config: &TrainConfig, corpus: I) -> Result<Self, TokenizerError>
@@ -423,42 +556,41 @@ impl Tokenizer {
     /// model): `tokenizer.json` plus the special tokens named in `tokenizer_config.json`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let dir = dir.as_ref();
-        let inner = HfTokenizer::from_file(dir.join("tokenizer.json"))
+        let text = read_json_file(&dir.join("tokenizer.json"))?;
+        let inner = text
+            .parse::<HfTokenizer>()
             .map_err(library("read tokenizer.json"))?;
         let path = dir.join("tokenizer_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = read_json_file(&path)?;
         let invalid = |reason: String| TokenizerError::InvalidFile {
             path: path.clone(),
             reason,
         };
-        let config: serde_json::Value =
+        let config: TokenizerConfigFile =
             serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        drop(text);
 
-        // Hugging Face writes a special token either as its text or as an AddedToken object.
-        let special_id = |key: &str| -> Result<Option<u32>, TokenizerError> {
-            let spelled = match &config[key] {
-                serde_json::Value::Null => return Ok(None),
-                serde_json::Value::String(s) => s.as_str(),
-                other => other["content"]
-                    .as_str()
-                    .ok_or_else(|| invalid(format!("{key} is neither a string nor a token")))?,
+        let special_id = |key: &str, value: ConfigValue| -> Result<Option<u32>, TokenizerError> {
+            let spelled = match value {
+                ConfigValue::Absent => return Ok(None),
+                ConfigValue::Text(spelled) | ConfigValue::Object(Some(spelled)) => spelled,
+                _ => return Err(invalid(format!("{key} is neither a string nor a token"))),
             };
             inner
-                .token_to_id(spelled)
+                .token_to_id(&spelled)
                 .map(Some)
-                .ok_or_else(|| TokenizerError::MissingToken(spelled.into()))
+                .ok_or(TokenizerError::MissingToken(spelled))
         };
-        let bos_id = special_id("bos_token")?.ok_or_else(|| invalid("no bos_token".into()))?;
-        let eos_id = special_id("eos_token")?.ok_or_else(|| invalid("no eos_token".into()))?;
-        let pad_id = special_id("pad_token")?.unwrap_or(eos_id);
+        let bos_id = special_id("bos_token", config.bos_token)?
+            .ok_or_else(|| invalid("no bos_token".into()))?;
+        let eos_id = special_id("eos_token", config.eos_token)?
+            .ok_or_else(|| invalid("no eos_token".into()))?;
+        let pad_id = special_id("pad_token", config.pad_token)?.unwrap_or(eos_id);
         // Without the flag, the post-processor decides, as it does for Python: see whether it
         // puts BOS in front of an empty text.
-        let add_bos = match config["add_bos_token"].as_bool() {
-            Some(flag) => flag,
-            None => {
+        let add_bos = match config.add_bos_token {
+            ConfigValue::Bool(flag) => flag,
+            _ => {
                 inner
                     .encode("", true)
                     .map_err(library("encode an empty text"))?
@@ -467,7 +599,11 @@ impl Tokenizer {
                     == Some(&bos_id)
             }
         };
-        let chat_template = config["chat_template"].as_str().map(str::to_owned);
+        // Only a single template is carried; a list of named ones is left unused.
+        let chat_template = match config.chat_template {
+            ConfigValue::Text(template) => Some(template),
+            _ => None,
+        };
         Self::assemble(inner, bos_id, eos_id, pad_id, add_bos, chat_template)
     }
 
@@ -806,4 +942,101 @@ fn default_system_prompt_of_template(template: &str) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tokenizer saved to a fresh folder, trained on just enough text to hold its specials.
+    fn saved() -> tempfile::TempDir {
+        let config = TrainConfig {
+            vocab_size: 300,
+            min_frequency: 1,
+        };
+        let tokenizer = Tokenizer::train(&config, ["a small corpus"].iter()).expect("trains");
+        let dir = tempfile::tempdir().expect("temp dir");
+        tokenizer.save(dir.path()).expect("saves");
+        dir
+    }
+
+    #[test]
+    fn a_tokenizer_file_over_the_cap_is_refused_before_it_is_read() {
+        // Sparse files of zeros one byte past the cap: were either read, the refusal would be
+        // a JSON syntax error instead of giving its size.
+        for name in ["tokenizer.json", "tokenizer_config.json"] {
+            let dir = saved();
+            let path = dir.path().join(name);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|file| file.set_len(MAX_JSON_BYTES + 1))
+                .expect("a sparse file");
+            match Tokenizer::load(dir.path()) {
+                Err(TokenizerError::InvalidFile {
+                    path: refused,
+                    reason,
+                }) => {
+                    assert_eq!(refused, path);
+                    assert!(
+                        reason.contains(&(MAX_JSON_BYTES + 1).to_string()),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{name} over the cap was not refused by size: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_config_is_read_for_its_tokens_flag_and_template_only() {
+        // Each field in the shape the whole-tree reading accepted: an AddedToken object for
+        // BOS, plain text for EOS, a null PAD (which falls back to EOS), a flag that is not a
+        // bool (so the post-processor decides), and a list of named templates (not used).
+        // The long array is what a `Value` tree made many times larger; it is skipped.
+        let dir = saved();
+        let config = serde_json::json!({
+            "bos_token": {"content": BOS_TOKEN, "lstrip": false},
+            "eos_token": EOS_TOKEN,
+            "pad_token": null,
+            "add_bos_token": "yes",
+            "chat_template": [{"name": "default", "template": "{{ x }}"}],
+            "padding": vec![1; 1000],
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string())
+            .expect("writes");
+        let loaded = Tokenizer::load(dir.path()).expect("loads");
+        assert_eq!(
+            loaded.bos_id,
+            loaded.inner.token_to_id(BOS_TOKEN).expect("bos")
+        );
+        assert_eq!(
+            loaded.eos_id,
+            loaded.inner.token_to_id(EOS_TOKEN).expect("eos")
+        );
+        assert_eq!(loaded.pad_id, loaded.eos_id);
+        // A trained tokenizer's saved post-processor puts BOS first.
+        assert!(loaded.add_bos);
+        assert_eq!(loaded.chat_template, None);
+    }
+
+    #[test]
+    fn a_special_token_that_is_neither_text_nor_a_token_object_is_refused() {
+        for bos in [
+            serde_json::json!(1),
+            serde_json::json!([BOS_TOKEN]),
+            serde_json::json!({"content": 1}),
+        ] {
+            let dir = saved();
+            let config = serde_json::json!({"bos_token": bos, "eos_token": EOS_TOKEN});
+            std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string())
+                .expect("writes");
+            match Tokenizer::load(dir.path()) {
+                Err(TokenizerError::InvalidFile { reason, .. }) => {
+                    assert_eq!(reason, "bos_token is neither a string nor a token", "{bos}");
+                }
+                other => panic!("{bos} was accepted as bos_token: {other:?}"),
+            }
+        }
+    }
 }

@@ -4,9 +4,10 @@
 //! `tokenizer_config.json` are read from its artifact prefix, and every row's texts (joined
 //! by newlines, without special tokens) are counted off the async workers in batches.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use ferrite_model::tokenizer::Tokenizer;
+use ferrite_model::tokenizer::{Tokenizer, TokenizerError};
 use ferrite_platform::storage::ObjectKey;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -110,7 +111,21 @@ async fn load_tokenizer(
             context: "the tokenizer loading task failed",
             source: Box::new(e),
         })?;
-    loaded.map_err(|e| unusable(e.to_string()))
+    loaded.map_err(|error| unusable(stored_file_error(error, &prefix)))
+}
+
+/// What is wrong with the model's tokenizer, naming a file by its key in storage: the
+/// temporary folder it was loaded from means nothing to the caller.
+fn stored_file_error(error: TokenizerError, prefix: &ObjectKey) -> String {
+    let stored = |path: &Path| match path.file_name().and_then(|name| name.to_str()) {
+        Some(name) => format!("{prefix}/{name}"),
+        None => "a tokenizer file".to_owned(),
+    };
+    match error {
+        TokenizerError::InvalidFile { path, reason } => format!("`{}`: {reason}", stored(&path)),
+        TokenizerError::Io { path, source } => format!("cannot read `{}`: {source}", stored(&path)),
+        other => other.to_string(),
+    }
 }
 
 async fn tokenize(

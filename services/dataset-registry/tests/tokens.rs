@@ -126,6 +126,24 @@ async fn token_counts_come_from_the_named_models_tokenizer() {
         "the counts were recorded"
     );
 
+    // A config that does not load is named by its key under the model's artifacts, not by
+    // the temporary folder it was read from.
+    let config_key = prefix.join("tokenizer_config.json").expect("valid");
+    storage
+        .put(&config_key, br#"{"bos_token": 1}"#.to_vec().into())
+        .await
+        .expect("stored");
+    let (status, body) = registry
+        .call(Method::POST, &path, Some(json!({"tokenizer": "tiny:1"})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("`{config_key}`")), "{message}");
+    assert!(
+        !message.contains(std::env::temp_dir().to_str().unwrap_or("/tmp")),
+        "{message}"
+    );
+
     let (status, body) = registry
         .call(Method::POST, &path, Some(json!({"tokenizer": "missing:1"})))
         .await;

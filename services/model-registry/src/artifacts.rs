@@ -167,19 +167,19 @@ pub fn files(root: &Path) -> Result<Vec<ArtifactFile>, RegistryError> {
 }
 
 /// The JSON files the check reads. Any other file is stored as it came, unread.
-const READ_JSON_FILES: [&str; 4] = [
+const READ_JSON_FILES: [&str; 5] = [
     "config.json",
     "adapter_config.json",
     "tokenizer.json",
+    "tokenizer_config.json",
     WEIGHTS_INDEX_FILE,
 ];
 
-/// The largest JSON file the check reads. The biggest a real model needs is its
-/// `tokenizer.json`: about 9 MB for Llama 3's 128k vocabulary, about 33 MB for Gemma 3's 262k;
-/// configs and shard indexes are kilobytes. Twice Gemma 3's leaves room for a larger
-/// vocabulary, and bounds what one upload can make the registry hold while it parses (the
-/// file's bytes, as nothing is parsed into a tree).
-pub const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest JSON file the check reads: the tokenizer loader's own cap, so that nothing
+/// registers that a deployment or a token count would refuse to load. It bounds what one
+/// upload can make the registry hold while it parses (the file's bytes, as nothing is parsed
+/// into a tree).
+pub use ferrite_model::tokenizer::MAX_JSON_BYTES;
 
 /// Refuses a JSON file the check would read when it is over [`MAX_JSON_BYTES`], before a byte
 /// of it is read.
@@ -239,8 +239,10 @@ pub fn check_folder(
             check_json_object(require("tokenizer.json")?)?;
         }
     }
-    if let Some(tokenizer) = find("tokenizer.json") {
-        check_json_object(tokenizer)?;
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        if let Some(file) = find(name) {
+            check_json_object(file)?;
+        }
     }
     Ok(())
 }
