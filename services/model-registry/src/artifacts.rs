@@ -5,9 +5,10 @@
 //! `adapter_config.json` a PEFT adapter config), every `.safetensors` file must have a
 //! readable header whose tensors fit in the file, and a model's weights must open as the
 //! loader opens them (`model.safetensors`, or the shards `model.safetensors.index.json`
-//! lists), holding every tensor the config requires in the shape it implies. Only then are the files stored; if storing fails halfway, what was stored is
-//! deleted, so a failed upload leaves nothing behind. A folder already in storage is checked
-//! the same way from its JSON files and the headers of its `.safetensors` files alone.
+//! lists), holding every tensor the config requires in the shape it implies. Only then are
+//! the files stored; if storing fails halfway, what was stored is deleted, so a failed upload
+//! leaves nothing behind. A folder already in storage is checked the same way from its JSON
+//! files and the headers of its `.safetensors` files alone.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -827,6 +828,15 @@ mod tests {
         write(dir, name, &weights::zeros_safetensors(shapes))
     }
 
+    /// A single-file model: the mini config and `model.safetensors` holding `tensors`.
+    fn single_file_model(dir: &Path, tensors: &BTreeMap<String, Vec<i64>>) -> Vec<ArtifactFile> {
+        let config = mini_config().to_json_string();
+        vec![
+            write(dir, "config.json", config.as_bytes()),
+            zeros_file(dir, WEIGHTS_FILE, tensors),
+        ]
+    }
+
     /// The mini model in two shards, `model.embed_tokens.weight` in `model-1` and the rest in
     /// `model-2`, with the index `weight_map` gives (nothing is written for it when `None`).
     fn sharded_model(dir: &Path, weight_map: Option<&str>) -> Vec<ArtifactFile> {
@@ -964,27 +974,13 @@ mod tests {
         ];
         for (tensors, expected) in cases {
             let dir = tempfile::tempdir().expect("temp dir");
-            let files = vec![
-                write(
-                    dir.path(),
-                    "config.json",
-                    config.to_json_string().as_bytes(),
-                ),
-                zeros_file(dir.path(), WEIGHTS_FILE, &tensors),
-            ];
+            let files = single_file_model(dir.path(), &tensors);
             let (param, message) = refusal(dir.path(), &files);
             assert_eq!(param, WEIGHTS_FILE, "{message}");
             assert!(message.contains(expected), "{message}");
         }
         let dir = tempfile::tempdir().expect("temp dir");
-        let whole = vec![
-            write(
-                dir.path(),
-                "config.json",
-                config.to_json_string().as_bytes(),
-            ),
-            zeros_file(dir.path(), WEIGHTS_FILE, &shapes),
-        ];
+        let whole = single_file_model(dir.path(), &shapes);
         check_folder(dir.path(), &whole, VersionKind::Model).expect("the weights the config needs");
     }
 

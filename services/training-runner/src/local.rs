@@ -113,14 +113,8 @@ impl Backend for LocalBackend {
             };
             // A worker that ends on its own removes its folder; a killed one leaves it, with
             // the base model and datasets in it, to be removed here.
-            match tokio::fs::remove_dir_all(&scratch).await {
-                Ok(()) => {
-                    tracing::info!(dir = %scratch.display(), "removed the scratch folder the worker left")
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(error = %error, dir = %scratch.display(), "cannot remove the worker's scratch folder");
-                }
+            if worker::remove_scratch_dir(&scratch).await {
+                tracing::info!(dir = %scratch.display(), "removed the scratch folder the worker left");
             }
             // The receiver is gone only when the runner is shutting down.
             let _ = ended.send(AttemptEnded {

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrite_platform::amqp::outbox;
-use ferrite_platform::storage::ObjectKey;
 use ferrite_proto::JobProgress;
 use ferrite_training::job::JobObserver;
 use sqlx::PgConnection;
@@ -202,7 +201,7 @@ impl RunObserver {
             .iter()
             .filter_map(|checkpoint| u64::try_from(checkpoint.step).ok())
             .collect();
-        let root = ObjectKey::parse(events::checkpoints_root(id).trim_end_matches('/'))?;
+        let root = transfer::prefix_key(&events::checkpoints_root(id))?;
         let stored = self.attempt.storage.list(&root).await?;
         Ok(stored
             .iter()

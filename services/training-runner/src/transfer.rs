@@ -13,7 +13,7 @@ use crate::domain::ResolvedDataset;
 use crate::worker::Attempt;
 
 /// A prefix such as `jobs/x/output/` as a key (object keys have no trailing slash).
-fn prefix_key(prefix: &str) -> anyhow::Result<ObjectKey> {
+pub(crate) fn prefix_key(prefix: &str) -> anyhow::Result<ObjectKey> {
     Ok(ObjectKey::parse(prefix.trim_end_matches('/'))?)
 }
 

@@ -99,11 +99,7 @@ pub async fn run_worker(settings: Settings, job_id: Uuid, attempt: u32) -> anyho
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     // An attempt refused before downloading anything never made its folder.
-    if let Err(error) = tokio::fs::remove_dir_all(&scratch).await
-        && error.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(error = %error, dir = %scratch.display(), "cannot remove the scratch folder");
-    }
+    remove_scratch_dir(&scratch).await;
     record_outcome(&attempt, &flags, result).await
 }
 
@@ -252,6 +248,19 @@ fn device(job: &ResolvedJob) -> anyhow::Result<tch::Device> {
 pub(crate) fn scratch_dir(root: Option<&Path>, job_id: Uuid, attempt: u32) -> PathBuf {
     root.map_or_else(std::env::temp_dir, Path::to_path_buf)
         .join(format!("ferrite-job-{job_id}-{attempt}"))
+}
+
+/// Removes an attempt's scratch folder; returns whether there was one. A failure is logged:
+/// the folder only takes disk space.
+pub(crate) async fn remove_scratch_dir(dir: &Path) -> bool {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => true,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => {
+            tracing::warn!(error = %error, dir = %dir.display(), "cannot remove the scratch folder");
+            false
+        }
+    }
 }
 
 /// Renews the lease every third of its length; raises the flags on cancel or loss.
